@@ -1,0 +1,195 @@
+"""Building blocks of UNETR++: residual conv blocks, the EPA transformer block, up-sampling.
+
+Activations inside the network are kept in *token layout* ``(B, N, C)`` with tokens in C-order
+over ``(Z, Y, X)``. Viewed as a 5-D tensor, that memory is exactly PyTorch's ``channels_last_3d``
+layout, so switching between the attention view (tokens) and the convolution view (5-D) is free:
+:func:`tokens_to_volume` and :func:`volume_to_tokens` return views, never copies, for tensors
+produced inside the network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .epa import EPA
+
+LEAKY_SLOPE = 0.01
+NORM_EPS = 1e-5
+
+
+def tokens_to_volume(t: torch.Tensor, spatial: tuple[int, int, int]) -> torch.Tensor:
+    """``(B, N, C)`` tokens -> ``(B, C, Z, Y, X)`` (a channels-last view when ``t`` is contiguous)."""
+    b, _, c = t.shape
+    return t.view(b, *spatial, c).permute(0, 4, 1, 2, 3)
+
+
+def volume_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, Z, Y, X)`` -> ``(B, N, C)`` tokens (a view when ``x`` is channels-last)."""
+    b, c = x.shape[:2]
+    return x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
+
+
+def instance_norm_lrelu(x: torch.Tensor, activation: bool = True) -> torch.Tensor:
+    """Instance norm without affine parameters (MONAI's ``"instance"``), then LeakyReLU(0.01).
+
+    Channels-last inputs use one statistics pass and one fused normalisation pass;
+    ``F.instance_norm`` is several times slower on that layout on CPU.
+    """
+    if not x.is_contiguous(memory_format=torch.channels_last_3d):
+        y = F.instance_norm(x, eps=NORM_EPS)
+    else:
+        b, c = x.shape[:2]
+        v = volume_to_tokens(x)
+        var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + NORM_EPS)
+        y = tokens_to_volume(torch.addcmul(-mean * rstd, v, rstd), tuple(x.shape[2:]))
+    return F.leaky_relu(y, LEAKY_SLOPE, inplace=True) if activation else y
+
+
+class ResConvBlock(nn.Module):
+    """MONAI-style ``UnetResBlock`` (kernel 3, stride 1).
+
+    ``conv3x3 -> norm -> LeakyReLU -> conv3x3 -> norm -> (+ skip) -> LeakyReLU``, where the skip
+    is the identity, or a 1x1 conv followed by the norm when the channel count changes.
+    ``norm="batch"`` uses BatchNorm3d, folded into the convolutions in eval mode (same outputs,
+    one pass fewer); ``norm="instance"`` uses instance norm without affine parameters.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
+        super().__init__()
+        if norm not in ("batch", "instance"):
+            raise ValueError(f"norm must be 'batch' or 'instance', got {norm!r}")
+        self.norm_kind = norm
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        if norm == "batch":
+            self.norm1 = nn.BatchNorm3d(out_channels, eps=NORM_EPS)
+            self.norm2 = nn.BatchNorm3d(out_channels, eps=NORM_EPS)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+        if self.skip is not None and norm == "batch":
+            self.skip_norm = nn.BatchNorm3d(out_channels, eps=NORM_EPS)
+
+    @staticmethod
+    def _folded(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale.view(-1, 1, 1, 1, 1)
+        return weight, bn.bias - bn.running_mean * scale
+
+    def _conv_bn(self, x: torch.Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d | None) -> torch.Tensor:
+        pad = conv.padding
+        if bn is None:
+            return F.conv3d(x, conv.weight, None, padding=pad)
+        if not self.training and bn.track_running_stats and bn.running_var is not None:
+            w, b = self._folded(conv, bn)
+            return F.conv3d(x, w, b, padding=pad)
+        return bn(F.conv3d(x, conv.weight, None, padding=pad))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.norm_kind == "batch"
+        h = self._conv_bn(x, self.conv1, self.norm1 if batch else None)
+        h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True) if batch else instance_norm_lrelu(h)
+        h = self._conv_bn(h, self.conv2, self.norm2 if batch else None)
+        if not batch:
+            h = instance_norm_lrelu(h, activation=False)
+        if self.skip is None:
+            res = x
+        else:
+            res = self._conv_bn(x, self.skip, self.skip_norm if batch else None)
+            if not batch:
+                res = instance_norm_lrelu(res, activation=False)
+        return F.leaky_relu(h + res, LEAKY_SLOPE, inplace=True)
+
+
+def channel_dropout(t: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``nn.Dropout3d`` on token layout: drops whole channels per sample."""
+    if not training or p == 0.0:
+        return t
+    keep = torch.empty(t.shape[0], 1, t.shape[2], dtype=t.dtype, device=t.device).bernoulli_(1.0 - p)
+    return t * keep.div_(1.0 - p)
+
+
+class TransformerBlock(nn.Module):
+    """The EPA block of UNETR++ (official ``TransformerBlock``), on ``(B, N, C)`` tokens.
+
+    ``t = x + pos``; ``a = t + gamma * EPA(LN(t))``; ``h = ResConv^k(a)``;
+    ``out = a + Conv1x1(Dropout3d(h))``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        spatial: tuple[int, int, int],
+        proj_size: int,
+        num_heads: int,
+        kv_proj: str,
+        fusion: str,
+        conv_blocks: int,
+        attn_dropout: float,
+        proj_dropout: float,
+        head_merge: str,
+        trunc_normal_linears: bool,
+    ) -> None:
+        super().__init__()
+        self.spatial = tuple(spatial)
+        tokens = math.prod(self.spatial)
+        self.proj_dropout = proj_dropout
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.norm = nn.LayerNorm(dim, eps=NORM_EPS)
+        self.attn = EPA(dim, tokens, proj_size, num_heads, kv_proj, fusion, attn_dropout, head_merge,
+                        trunc_normal_linears)
+        self.convs = nn.ModuleList(ResConvBlock(dim, dim, "batch") for _ in range(conv_blocks))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x + self.pos_embed
+        a = torch.addcmul(t, self.gamma, self.attn(F.layer_norm(t, t.shape[-1:], self.norm.weight,
+                                                                self.norm.bias, self.norm.eps)))
+        h = tokens_to_volume(a, self.spatial)
+        for conv in self.convs:
+            h = conv(h)
+        h = channel_dropout(volume_to_tokens(h), self.proj_dropout, self.training)
+        return torch.addmm(a.reshape(-1, a.shape[-1]), h.reshape(-1, h.shape[-1]), self.proj.weight.t(),
+                           beta=1, alpha=1).add_(self.proj.bias).view_as(a)
+
+
+def shuffle_up(t: torch.Tensor, weight: torch.Tensor, spatial: tuple[int, int, int],
+               skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Transposed convolution with kernel == stride, bias-free, on tokens.
+
+    ``weight`` is ``(C_in, C_out, kz, ky, kx)`` as in ``nn.ConvTranspose3d``. Computed as one matmul
+    ``(B*N, C_in) @ (C_in, C_out*kz*ky*kx)`` and one rearrangement into the finer raster, fused with
+    the addition of ``skip`` (tokens at the output resolution) when given. Returns output tokens.
+    """
+    b = t.shape[0]
+    cin, cout, kz, ky, kx = weight.shape
+    z, y, x = spatial
+    m = torch.matmul(t, weight.reshape(cin, -1))  # (B, N, C_out*k)
+    m = m.view(b, z, y, x, cout, kz, ky, kx).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    out_shape = (b, z * kz * y * ky * x * kx, cout)
+    if skip is None:
+        return m.reshape(out_shape)
+    return torch.add(skip.view(b, z, kz, y, ky, x, kx, cout), m).view(out_shape)
+
+
+class UpBlock(nn.Module):
+    """Decoder stage: transposed conv (k = s = 2) -> add encoder skip -> EPA blocks."""
+
+    def __init__(self, in_dim: int, out_dim: int, spatial: tuple[int, int, int], depth: int,
+                 **block_kwargs) -> None:
+        super().__init__()
+        self.in_spatial = tuple(s // 2 for s in spatial)
+        self.up = nn.ConvTranspose3d(in_dim, out_dim, 2, stride=2, bias=False)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(out_dim, spatial, **block_kwargs) for _ in range(depth)
+        )
+
+    def forward(self, t: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        t = shuffle_up(t, self.up.weight, self.in_spatial, skip)
+        for blk in self.blocks:
+            t = blk(t)
+        return t

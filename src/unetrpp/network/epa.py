@@ -1,0 +1,160 @@
+"""Efficient Paired Attention (EPA), the attention of UNETR++.
+
+One ``Linear(C, 4C)`` gives queries, keys and two values ``[q | k | v_channel | v_spatial]``,
+each head-major. Queries and keys are shared by two branches:
+
+* channel branch: per head, ``A = softmax(tau_c * q^ k^T)`` over the ``d x d`` channel pairs
+  (q^, k^ L2-normalised along the tokens), applied to ``v_channel``. Cost O(N d^2).
+* spatial branch: keys and ``v_spatial`` are projected along the token axis from N to p tokens
+  (``Linear(N, p)``), ``A = softmax(tau_s * q^T k_p)`` over the p projected tokens, applied to
+  the projected values. Cost O(N p), linear in N.
+
+The two branch outputs are fused by two half-width linears and a concatenation (spatial half
+first) or by a sum.
+
+Implementation notes (outputs equal the textbook formulation up to float rounding):
+
+* the L2 normalisation is never materialised: the channel Gram matrix is divided by the outer
+  product of the token norms, and the spatial-branch query norm and temperature are folded into
+  the (small) projected keys;
+* the spatial branch runs through ``scaled_dot_product_attention`` (fused kernel, no N x p
+  attention matrix kept for backward);
+* ``head_merge="official"`` reproduces the official code's ``permute(0, 3, 1, 2).reshape(B, N, C)``
+  of the spatial output, which interleaves tokens and channels; it is what the official weights
+  were trained with. ``"standard"`` is the usual ``(B, h, N, d) -> (B, N, h*d)`` merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV_PROJECTIONS = ("shared", "separate", "shared_nobias")
+FUSIONS = ("concat", "sum")
+HEAD_MERGES = ("official", "standard")
+_L2_EPS = 1e-12
+
+
+class EPA(nn.Module):
+    """Efficient Paired Attention on ``(B, N, C)`` tokens.
+
+    Args:
+        dim: channels C.
+        tokens: number of tokens N (fixed: the token projections are ``Linear(N, p)``).
+        proj_size: projected token count p of the spatial branch.
+        num_heads: heads h; ``dim`` must be divisible by it.
+        kv_proj: ``"shared"`` one ``Linear(N, p)`` for keys and values (official Synapse),
+            ``"separate"`` two (official ACDC, Lung), ``"shared_nobias"`` one bias-free
+            projection (official BraTS ``EF``).
+        fusion: ``"concat"`` (two ``Linear(C, C/2)``, spatial half first) or ``"sum"``.
+        attn_dropout: dropout on both attention maps.
+        head_merge: ``"official"`` or ``"standard"`` (see module docstring).
+        trunc_normal_linears: initialise the linears with truncated normal (std 0.02), as the
+            official encoder does; otherwise PyTorch's default, as its decoder does.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        tokens: int,
+        proj_size: int,
+        num_heads: int,
+        kv_proj: str = "shared",
+        fusion: str = "concat",
+        attn_dropout: float = 0.0,
+        head_merge: str = "official",
+        trunc_normal_linears: bool = True,
+    ) -> None:
+        super().__init__()
+        if kv_proj not in KV_PROJECTIONS:
+            raise ValueError(f"kv_proj must be one of {KV_PROJECTIONS}, got {kv_proj!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if head_merge not in HEAD_MERGES:
+            raise ValueError(f"head_merge must be one of {HEAD_MERGES}, got {head_merge!r}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.tokens, self.proj_size, self.num_heads = dim, tokens, proj_size, num_heads
+        self.kv_proj, self.fusion, self.head_merge = kv_proj, fusion, head_merge
+        self.attn_dropout = attn_dropout
+        self.qkvv = nn.Linear(dim, 4 * dim, bias=False)
+        self.temperature_channel = nn.Parameter(torch.ones(num_heads))
+        self.temperature_spatial = nn.Parameter(torch.ones(num_heads))
+        if kv_proj == "separate":
+            self.proj_k = nn.Linear(tokens, proj_size)
+            self.proj_v = nn.Linear(tokens, proj_size)
+        else:
+            self.proj_kv = nn.Linear(tokens, proj_size, bias=kv_proj == "shared")
+        if fusion == "concat":
+            if dim % 2:
+                raise ValueError(f"fusion='concat' needs an even dim, got {dim}")
+            self.out_spatial = nn.Linear(dim, dim // 2)
+            self.out_channel = nn.Linear(dim, dim // 2)
+        self._init(trunc_normal_linears)
+
+    def _init(self, trunc_normal_linears: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and trunc_normal_linears:
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        if self.kv_proj == "shared_nobias":
+            bound = 1.0 / math.sqrt(self.proj_size)
+            nn.init.uniform_(self.proj_kv.weight, -bound, bound)
+
+    def _project_tokens(self, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """``(B, N, C) -> (B, p, C)``: the token-axis ``Linear(N, p)``."""
+        out = torch.matmul(linear.weight, x)
+        if linear.bias is not None:
+            out = out + linear.bias.view(-1, 1)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        d = c // h
+        if n != self.tokens:
+            raise ValueError(f"EPA built for {self.tokens} tokens got {n}")
+        qkvv = F.linear(x, self.qkvv.weight)
+        q, k, v_c, v_s = qkvv.split(c, dim=-1)
+
+        # Token-axis L2 norms (F.normalize semantics: divide by max(norm, eps)).
+        q_norm = torch.linalg.vector_norm(q, dim=1).clamp_min_(_L2_EPS)  # (B, C)
+        k_norm = torch.linalg.vector_norm(k, dim=1).clamp_min_(_L2_EPS)
+
+        # Spatial branch: project un-normalised keys and spatial values along the tokens.
+        if self.kv_proj == "separate":
+            k_p = self._project_tokens(k, self.proj_k)
+            v_p = self._project_tokens(v_s, self.proj_v)
+        else:
+            k_p = self._project_tokens(k, self.proj_kv)
+            v_p = self._project_tokens(v_s, self.proj_kv)
+        p = k_p.shape[1]
+        tau_s = self.temperature_spatial.repeat_interleave(d)  # (C,)
+        k_p = k_p * (tau_s / q_norm).unsqueeze(1)  # fold q normalisation and temperature in
+        y = F.scaled_dot_product_attention(
+            q.view(b, n, h, d).transpose(1, 2),
+            k_p.view(b, p, h, d).transpose(1, 2),
+            v_p.view(b, p, h, d).transpose(1, 2),
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            scale=1.0,
+        )  # (B, h, N, d)
+        if self.head_merge == "official":
+            x_s = y.permute(0, 3, 1, 2).reshape(b, n, c)
+        else:
+            x_s = y.transpose(1, 2).reshape(b, n, c)
+
+        # Channel branch: per-head d x d attention over channels.
+        gram = torch.matmul(q.view(b, n, h, d).permute(0, 2, 3, 1), k.view(b, n, h, d).transpose(1, 2))
+        norms = q_norm.view(b, h, d, 1) * k_norm.view(b, h, 1, d)
+        logits = gram / norms * self.temperature_channel.view(1, h, 1, 1)
+        attn = F.dropout(logits.softmax(dim=-1), self.attn_dropout, self.training)
+        x_c = torch.matmul(v_c.view(b, n, h, d).transpose(1, 2), attn.transpose(-1, -2))  # (B, h, N, d)
+        x_c = x_c.transpose(1, 2).reshape(b, n, c)
+
+        if self.fusion == "sum":
+            return x_s + x_c
+        return torch.cat([self.out_spatial(x_s), self.out_channel(x_c)], dim=-1)
