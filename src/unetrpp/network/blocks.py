@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mode import reference_enabled
 from .epa import EPA
 
 LEAKY_SLOPE = 0.01
@@ -33,21 +34,67 @@ def volume_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)
 
 
+_MKLDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.aten, "mkldnn_convolution")
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0,
+           stride: int | tuple[int, int, int] = 1) -> torch.Tensor:
+    """3-D convolution whose output is channels-last.
+
+    On CPU in float32 this calls oneDNN directly: ``F.conv3d`` routes batch-1 volumes with few
+    channels x slices (e.g. 64 channels at 16^3) to PyTorch's slow reference kernel, 2-3x slower.
+    """
+    s = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+    if (_MKLDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not reference_enabled()):
+        out = torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 3, list(s), [1, 1, 1], 1)
+    else:
+        out = F.conv3d(x, weight, bias, stride=s, padding=padding)
+    return out.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _inplace_ok(*tensors: torch.Tensor) -> bool:
+    """True when autograd does not need these tensors' values (inference), so they may be overwritten."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 def instance_norm_lrelu(x: torch.Tensor, activation: bool = True) -> torch.Tensor:
     """Instance norm without affine parameters (MONAI's ``"instance"``), then LeakyReLU(0.01).
 
-    Channels-last inputs use one statistics pass and one fused normalisation pass;
-    ``F.instance_norm`` is several times slower on that layout on CPU.
+    Channels-last inputs use one statistics pass and one fused normalisation pass (in place when
+    autograd does not need ``x``); ``F.instance_norm`` is several times slower on that layout.
     """
     if not x.is_contiguous(memory_format=torch.channels_last_3d):
         y = F.instance_norm(x, eps=NORM_EPS)
-    else:
-        b, c = x.shape[:2]
-        v = volume_to_tokens(x)
-        var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
-        rstd = torch.rsqrt(var + NORM_EPS)
-        y = tokens_to_volume(torch.addcmul(-mean * rstd, v, rstd), tuple(x.shape[2:]))
-    return F.leaky_relu(y, LEAKY_SLOPE, inplace=True) if activation else y
+        return F.leaky_relu(y, LEAKY_SLOPE, inplace=True) if activation else y
+    v = volume_to_tokens(x)
+    var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
+    rstd = torch.rsqrt(var + NORM_EPS)
+    shift = -mean * rstd
+    y = torch.addcmul(shift, v, rstd, out=v) if _inplace_ok(v) else torch.addcmul(shift, v, rstd)
+    if activation:
+        y = F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
+    return tokens_to_volume(y, tuple(x.shape[2:]))
+
+
+def normalized_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``instance_norm(conv1x1(x, weight))`` in closed form, as tokens ``(B, N, C_out)``.
+
+    For ``y = W x`` the per-sample statistics are ``mean(y) = W m`` and ``var(y) = diag(W S W^T)``
+    with ``m, S`` the mean and covariance of the (few) input channels, so the normalised output is
+    one small matmul ``(x - m) @ W'^T``: no full-resolution normalisation pass.
+    """
+    t = volume_to_tokens(x)  # (B, N, k), k = input channels
+    t64 = t.double()
+    mean = t64.mean(dim=1, keepdim=True)
+    centred = t64 - mean
+    cov = centred.transpose(1, 2) @ centred / t.shape[1]  # (B, k, k)
+    w = weight.flatten(1).double()  # (C, k)
+    var = torch.einsum("ck,bkl,cl->bc", w, cov, w)
+    w_scaled = (w.unsqueeze(0) * torch.rsqrt(var + NORM_EPS).unsqueeze(-1))  # (B, C, k)
+    bias = -(w_scaled @ mean.transpose(1, 2)).transpose(1, 2)  # (B, 1, C)
+    w_scaled = w_scaled.to(t.dtype)
+    return torch.baddbmm(bias.to(t.dtype), t, w_scaled.transpose(1, 2))
 
 
 class ResConvBlock(nn.Module):
@@ -80,28 +127,39 @@ class ResConvBlock(nn.Module):
         return weight, bn.bias - bn.running_mean * scale
 
     def _conv_bn(self, x: torch.Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d | None) -> torch.Tensor:
-        pad = conv.padding
+        pad = conv.padding[0]
         if bn is None:
-            return F.conv3d(x, conv.weight, None, padding=pad)
+            return conv3d(x, conv.weight, None, padding=pad)
         if not self.training and bn.track_running_stats and bn.running_var is not None:
             w, b = self._folded(conv, bn)
-            return F.conv3d(x, w, b, padding=pad)
-        return bn(F.conv3d(x, conv.weight, None, padding=pad))
+            return conv3d(x, w, b, padding=pad)
+        return bn(conv3d(x, conv.weight, None, padding=pad))
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        batch = self.norm_kind == "batch"
+        norm = (lambda t, bn: bn(t)) if batch else (lambda t, bn: F.instance_norm(t, eps=NORM_EPS))
+        h = F.leaky_relu(norm(F.conv3d(x, self.conv1.weight, padding=1), getattr(self, "norm1", None)), LEAKY_SLOPE)
+        h = norm(F.conv3d(h, self.conv2.weight, padding=1), getattr(self, "norm2", None))
+        res = x if self.skip is None else norm(F.conv3d(x, self.skip.weight), getattr(self, "skip_norm", None))
+        return F.leaky_relu(h + res, LEAKY_SLOPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = self.norm_kind == "batch"
-        h = self._conv_bn(x, self.conv1, self.norm1 if batch else None)
-        h = F.leaky_relu(h, LEAKY_SLOPE, inplace=True) if batch else instance_norm_lrelu(h)
-        h = self._conv_bn(h, self.conv2, self.norm2 if batch else None)
-        if not batch:
-            h = instance_norm_lrelu(h, activation=False)
-        if self.skip is None:
-            res = x
+        if reference_enabled():
+            return self._forward_reference(x)
+        if self.norm_kind == "instance":
+            h = instance_norm_lrelu(self._conv_bn(x, self.conv1, None))
+            h = instance_norm_lrelu(self._conv_bn(h, self.conv2, None), activation=False)
+            if self.skip is None:
+                res = volume_to_tokens(x)
+            else:
+                res = normalized_projection(x, self.skip.weight)
         else:
-            res = self._conv_bn(x, self.skip, self.skip_norm if batch else None)
-            if not batch:
-                res = instance_norm_lrelu(res, activation=False)
-        return F.leaky_relu(h + res, LEAKY_SLOPE, inplace=True)
+            h = F.leaky_relu(self._conv_bn(x, self.conv1, self.norm1), LEAKY_SLOPE, inplace=True)
+            h = self._conv_bn(h, self.conv2, self.norm2)
+            res = volume_to_tokens(x if self.skip is None else self._conv_bn(x, self.skip, self.skip_norm))
+        t = volume_to_tokens(h)
+        t = t.add_(res) if _inplace_ok(t, res) or self.norm_kind == "batch" else t + res
+        return tokens_to_volume(F.leaky_relu(t, LEAKY_SLOPE, inplace=True), tuple(x.shape[2:]))
 
 
 def channel_dropout(t: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -168,12 +226,16 @@ def shuffle_up(t: torch.Tensor, weight: torch.Tensor, spatial: tuple[int, int, i
     b = t.shape[0]
     cin, cout, kz, ky, kx = weight.shape
     z, y, x = spatial
-    m = torch.matmul(t, weight.reshape(cin, -1))  # (B, N, C_out*k)
-    m = m.view(b, z, y, x, cout, kz, ky, kx).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    # Columns ordered (kz, ky, kx, C_out): the rearrangement then reads runs of C_out contiguous values.
+    m = torch.matmul(t, weight.permute(0, 2, 3, 4, 1).reshape(cin, -1))
+    m = m.view(b, z, y, x, kz, ky, kx, cout).permute(0, 1, 4, 2, 5, 3, 6, 7)
     out_shape = (b, z * kz * y * ky * x * kx, cout)
     if skip is None:
         return m.reshape(out_shape)
-    return torch.add(skip.view(b, z, kz, y, ky, x, kx, cout), m).view(out_shape)
+    s = skip.view(b, z, kz, y, ky, x, kx, cout)
+    if _inplace_ok(skip, m) and skip.is_contiguous():
+        return s.add_(m).view(out_shape)
+    return torch.add(s, m).view(out_shape)
 
 
 class UpBlock(nn.Module):
@@ -193,3 +255,44 @@ class UpBlock(nn.Module):
         for blk in self.blocks:
             t = blk(t)
         return t
+
+
+class Downsample(nn.Module):
+    """Patch embedding / downsampling: conv with kernel == stride (no bias) -> GroupNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: tuple[int, int, int], groups: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, stride, stride=stride, bias=False)
+        self.norm = nn.GroupNorm(groups, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(conv3d(x, self.conv.weight, None, stride=self.conv.stride))
+
+
+class OutputStage(nn.Module):
+    """Full-resolution decoder stage: transposed conv (k = s = stem stride) -> add skip -> ResConvBlock."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: tuple[int, int, int], spatial: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.in_spatial = tuple(spatial)
+        self.out_spatial = tuple(s * k for s, k in zip(spatial, stride, strict=True))
+        self.up = nn.ConvTranspose3d(in_dim, out_dim, stride, stride=stride, bias=False)
+        self.block = ResConvBlock(out_dim, out_dim, "instance")
+
+    def forward(self, t: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Tokens at the first stage's resolution + full-resolution skip tokens -> full-resolution tokens."""
+        t = shuffle_up(t, self.up.weight, self.in_spatial, skip)
+        return volume_to_tokens(self.block(tokens_to_volume(t, self.out_spatial)))
+
+
+class TokenHead(nn.Conv3d):
+    """1x1x1 output conv applied to tokens; returns ``(B, K, Z, Y, X)`` logits in standard layout."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, t: torch.Tensor, spatial: tuple[int, int, int]) -> torch.Tensor:  # type: ignore[override]
+        # (K, C) @ (C, N) per sample: the result is already (B, K, N) contiguous.
+        w = self.weight.flatten(1)
+        out = torch.bmm(w.expand(t.shape[0], *w.shape), t.transpose(1, 2)).add_(self.bias.view(1, -1, 1))
+        return out.view(t.shape[0], -1, *spatial)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mode import reference_enabled
+
 KV_PROJECTIONS = ("shared", "separate", "shared_nobias")
 FUSIONS = ("concat", "sum")
 HEAD_MERGES = ("official", "standard")
@@ -113,28 +115,41 @@ class EPA(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.tokens:
+            raise ValueError(f"EPA built for {self.tokens} tokens got {x.shape[1]}")
+        if reference_enabled():
+            return self._forward_reference(x)
+        return self._forward_fast(x)
+
+    def _kv_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        if self.kv_proj == "separate":
+            return self.proj_k, self.proj_v
+        return self.proj_kv, self.proj_kv
+
+    def _merge_spatial(self, y: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = y.shape
+        if self.head_merge == "official":
+            return y.permute(0, 3, 1, 2).reshape(b, n, self.dim)
+        return y.transpose(1, 2).reshape(b, n, self.dim)
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h = self.num_heads
         d = c // h
-        if n != self.tokens:
-            raise ValueError(f"EPA built for {self.tokens} tokens got {n}")
         qkvv = F.linear(x, self.qkvv.weight)
         q, k, v_c, v_s = qkvv.split(c, dim=-1)
 
-        # Token-axis L2 norms (F.normalize semantics: divide by max(norm, eps)).
-        q_norm = torch.linalg.vector_norm(q, dim=1).clamp_min_(_L2_EPS)  # (B, C)
-        k_norm = torch.linalg.vector_norm(k, dim=1).clamp_min_(_L2_EPS)
+        # Token-axis L2 norms of q and k in one reduction (F.normalize: divide by max(norm, eps)).
+        qk_norm = torch.linalg.vector_norm(qkvv[..., : 2 * c], dim=1).clamp_min(_L2_EPS)
+        q_norm, k_norm = qk_norm[:, :c], qk_norm[:, c:]
 
-        # Spatial branch: project un-normalised keys and spatial values along the tokens.
-        if self.kv_proj == "separate":
-            k_p = self._project_tokens(k, self.proj_k)
-            v_p = self._project_tokens(v_s, self.proj_v)
-        else:
-            k_p = self._project_tokens(k, self.proj_kv)
-            v_p = self._project_tokens(v_s, self.proj_kv)
+        # Spatial branch: project un-normalised keys and spatial values along the tokens, then fold
+        # the query normalisation and the temperature into the (p x C) projected keys.
+        proj_k, proj_v = self._kv_projections()
+        k_p = self._project_tokens(k, proj_k)
+        v_p = self._project_tokens(v_s, proj_v)
         p = k_p.shape[1]
-        tau_s = self.temperature_spatial.repeat_interleave(d)  # (C,)
-        k_p = k_p * (tau_s / q_norm).unsqueeze(1)  # fold q normalisation and temperature in
+        k_p = k_p * (self.temperature_spatial.repeat_interleave(d) / q_norm).unsqueeze(1)
         y = F.scaled_dot_product_attention(
             q.view(b, n, h, d).transpose(1, 2),
             k_p.view(b, p, h, d).transpose(1, 2),
@@ -142,19 +157,44 @@ class EPA(nn.Module):
             dropout_p=self.attn_dropout if self.training else 0.0,
             scale=1.0,
         )  # (B, h, N, d)
-        if self.head_merge == "official":
-            x_s = y.permute(0, 3, 1, 2).reshape(b, n, c)
-        else:
-            x_s = y.transpose(1, 2).reshape(b, n, c)
+        x_s = self._merge_spatial(y)
 
-        # Channel branch: per-head d x d attention over channels.
-        gram = torch.matmul(q.view(b, n, h, d).permute(0, 2, 3, 1), k.view(b, n, h, d).transpose(1, 2))
-        norms = q_norm.view(b, h, d, 1) * k_norm.view(b, h, 1, d)
-        logits = gram / norms * self.temperature_channel.view(1, h, 1, 1)
-        attn = F.dropout(logits.softmax(dim=-1), self.attn_dropout, self.training)
-        x_c = torch.matmul(v_c.view(b, n, h, d).transpose(1, 2), attn.transpose(-1, -2))  # (B, h, N, d)
-        x_c = x_c.transpose(1, 2).reshape(b, n, c)
+        # Channel branch: one C x C Gram GEMM, keep the diagonal d x d head blocks.
+        gram = torch.bmm(q.transpose(1, 2), k).view(b, h, d, h, d).diagonal(dim1=1, dim2=3)  # (B, d, d, h)
+        gram = gram.permute(0, 3, 1, 2)  # (B, h, d, d)
+        logits = gram / (q_norm.view(b, h, d, 1) * k_norm.view(b, h, 1, d))
+        attn = (logits * self.temperature_channel.view(1, h, 1, 1)).softmax(dim=-1)
+        attn = F.dropout(attn, self.attn_dropout, self.training)
+        # x_c[n, (h, i)] = sum_j v[n, (h, j)] attn[h, i, j]: a block-diagonal C x C right factor.
+        mix = x.new_zeros(b, h, d, h, d)
+        mix.diagonal(dim1=1, dim2=3).copy_(attn.permute(0, 3, 2, 1))
+        mix = mix.view(b, c, c)
 
+        if self.fusion == "sum":
+            return x_s + torch.bmm(v_c, mix)
+        # out_channel(x_c) = v_c @ (mix @ W^T) + bias: fuse the projection into the small factor.
+        w2 = self.out_channel.weight.t()
+        x_c = torch.baddbmm(self.out_channel.bias, v_c, torch.matmul(mix, w2))
+        return torch.cat([self.out_spatial(x_s), x_c], dim=-1)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The official op order, literally (used for MAC counting and as the readable spec)."""
+        b, n, c = x.shape
+        h = self.num_heads
+        d = c // h
+        qkvv = self.qkvv(x).reshape(b, n, 4, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v_c, v_s = (t.transpose(-2, -1) for t in qkvv)  # (B, h, d, N)
+        proj_k, proj_v = self._kv_projections()
+        k_p, v_p = proj_k(k), proj_v(v_s)  # (B, h, d, p)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn_c = (q @ k.transpose(-2, -1)) * self.temperature_channel.view(h, 1, 1)
+        attn_c = F.dropout(attn_c.softmax(dim=-1), self.attn_dropout, self.training)
+        x_c = (attn_c @ v_c).permute(0, 3, 1, 2).reshape(b, n, c)
+        attn_s = (q.permute(0, 1, 3, 2) @ k_p) * self.temperature_spatial.view(h, 1, 1)
+        attn_s = F.dropout(attn_s.softmax(dim=-1), self.attn_dropout, self.training)
+        x_s = self._merge_spatial(attn_s @ v_p.transpose(-2, -1))
         if self.fusion == "sum":
             return x_s + x_c
         return torch.cat([self.out_spatial(x_s), self.out_channel(x_c)], dim=-1)
+

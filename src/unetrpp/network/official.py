@@ -118,13 +118,13 @@ def _block_key(rest: str, kv_proj: str) -> str | None:
 def official_key_to_ours(key: str, kv_proj: str) -> str | None:
     """Map one official state_dict key to ours; ``None`` for keys that are dropped (tied ``F``)."""
     patterns = [
-        (r"unetr_pp_encoder\.downsample_layers\.(\d)\.0\.conv\.weight", lambda m: f"downsample.{m[1]}.weight"),
-        (r"unetr_pp_encoder\.downsample_layers\.(\d)\.1\.(weight|bias)", lambda m: f"down_norms.{m[1]}.{m[2]}"),
+        (r"unetr_pp_encoder\.downsample_layers\.(\d)\.0\.conv\.weight", lambda m: f"downsample.{m[1]}.conv.weight"),
+        (r"unetr_pp_encoder\.downsample_layers\.(\d)\.1\.(weight|bias)", lambda m: f"downsample.{m[1]}.norm.{m[2]}"),
         (r"decoder([543])\.transp_conv\.conv\.weight", lambda m: f"decoder.{_DECODERS['decoder' + m[1]]}.up.weight"),
         (r"encoder1\.conv([12])\.conv\.weight", lambda m: f"stem_block.conv{m[1]}.weight"),
         (r"encoder1\.conv3\.conv\.weight", lambda m: "stem_block.skip.weight"),
-        (r"decoder2\.transp_conv\.conv\.weight", lambda m: "final_up.weight"),
-        (r"decoder2\.decoder_block\.0\.conv([12])\.conv\.weight", lambda m: f"final_block.conv{m[1]}.weight"),
+        (r"decoder2\.transp_conv\.conv\.weight", lambda m: "final.up.weight"),
+        (r"decoder2\.decoder_block\.0\.conv([12])\.conv\.weight", lambda m: f"final.block.conv{m[1]}.weight"),
         (r"out([123])\.conv\.conv\.(weight|bias)", lambda m: f"heads.{int(m[1]) - 1}.{m[2]}"),
     ]
     for pattern, build in patterns:

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (
+    Downsample,
+    OutputStage,
     ResConvBlock,
+    TokenHead,
     TransformerBlock,
     UpBlock,
-    shuffle_up,
     tokens_to_volume,
     volume_to_tokens,
 )
@@ -224,13 +225,10 @@ class UNETRPP(nn.Module):
         groups = cfg.stem_norm_groups or cfg.in_channels
         # Encoder: patch embedding, three 2x downsamplings, EPA stages.
         self.downsample = nn.ModuleList([
-            nn.Conv3d(cfg.in_channels, d0, cfg.stem_stride, stride=cfg.stem_stride, bias=False),
-            nn.Conv3d(d0, d1, 2, stride=2, bias=False),
-            nn.Conv3d(d1, d2, 2, stride=2, bias=False),
-            nn.Conv3d(d2, d3, 2, stride=2, bias=False),
-        ])
-        self.down_norms = nn.ModuleList([
-            nn.GroupNorm(groups, d0), nn.GroupNorm(d0, d1), nn.GroupNorm(d1, d2), nn.GroupNorm(d2, d3),
+            Downsample(cfg.in_channels, d0, cfg.stem_stride, groups),
+            Downsample(d0, d1, (2, 2, 2), d0),
+            Downsample(d1, d2, (2, 2, 2), d1),
+            Downsample(d2, d3, (2, 2, 2), d2),
         ])
         self.stages = nn.ModuleList(
             nn.ModuleList(
@@ -247,11 +245,10 @@ class UNETRPP(nn.Module):
                     trunc_normal_linears=False, **block)
             for j, (cin, cout, i) in enumerate(((d3, d2, 2), (d2, d1, 1), (d1, d0, 0)))
         )
-        self.final_up = nn.ConvTranspose3d(d0, f, cfg.stem_stride, stride=cfg.stem_stride, bias=False)
-        self.final_block = ResConvBlock(f, f, "instance")
-        self.heads = nn.ModuleList([nn.Conv3d(f, cfg.out_channels, 1)])
+        self.final = OutputStage(d0, f, cfg.stem_stride, shapes[0])
+        self.heads = nn.ModuleList([TokenHead(f, cfg.out_channels)])
         if cfg.deep_supervision:
-            self.heads.extend([nn.Conv3d(d0, cfg.out_channels, 1), nn.Conv3d(d1, cfg.out_channels, 1)])
+            self.heads.extend([TokenHead(d0, cfg.out_channels), TokenHead(d1, cfg.out_channels)])
         self._deep_supervision = cfg.deep_supervision
 
     # ------------------------------------------------------------------ behaviour switches
@@ -279,11 +276,6 @@ class UNETRPP(nn.Module):
                 "sliding-window inference for larger volumes or build the model with this img_size"
             )
 
-    @staticmethod
-    def _head(t: torch.Tensor, head: nn.Conv3d, spatial: tuple[int, int, int]) -> torch.Tensor:
-        out = F.linear(t, head.weight.flatten(1), head.bias)
-        return tokens_to_volume(out, spatial).contiguous()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         cfg = self.config
@@ -294,8 +286,7 @@ class UNETRPP(nn.Module):
         feats = []
         h = x
         for i in range(4):
-            h = self.down_norms[i](self.downsample[i](h))
-            t = volume_to_tokens(h)
+            t = volume_to_tokens(self.downsample[i](h))
             for blk in self.stages[i]:
                 t = blk(t)
             feats.append(t)
@@ -306,16 +297,10 @@ class UNETRPP(nn.Module):
         for j, up in enumerate(self.decoder):
             t = up(t, feats[2 - j])
             decoded.append(t)
-        t = shuffle_up(t, self.final_up.weight, shapes[0], volume_to_tokens(full))
-        out = self.final_block(tokens_to_volume(t, cfg.img_size))
-        logits = self._head(volume_to_tokens(out), self.heads[0], cfg.img_size)
+        logits = self.heads[0](self.final(t, volume_to_tokens(full)), cfg.img_size)
         if not self._deep_supervision:
             return logits
-        return [
-            logits,
-            self._head(decoded[2], self.heads[1], shapes[0]),
-            self._head(decoded[1], self.heads[2], shapes[1]),
-        ]
+        return [logits, self.heads[1](decoded[2], shapes[0]), self.heads[2](decoded[1], shapes[1])]
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> Path:
