@@ -191,7 +191,6 @@ def _check() -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from official_fixture import CONFIGS, draw_official_state_dict, fixture_input, load_fixture
-
     from unetrpp.network import get_preset
 
     worst = 0.0

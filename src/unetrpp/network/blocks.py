@@ -149,10 +149,7 @@ class ResConvBlock(nn.Module):
         if self.norm_kind == "instance":
             h = instance_norm_lrelu(self._conv_bn(x, self.conv1, None))
             h = instance_norm_lrelu(self._conv_bn(h, self.conv2, None), activation=False)
-            if self.skip is None:
-                res = volume_to_tokens(x)
-            else:
-                res = normalized_projection(x, self.skip.weight)
+            res = volume_to_tokens(x) if self.skip is None else normalized_projection(x, self.skip.weight)
         else:
             h = F.leaky_relu(self._conv_bn(x, self.conv1, self.norm1), LEAKY_SLOPE, inplace=True)
             h = self._conv_bn(h, self.conv2, self.norm2)

@@ -78,7 +78,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 def extract_state_dict(obj: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The ``state_dict`` of an official checkpoint (or the dict itself), ``module.`` stripped."""
-    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict", None), dict) else obj
+    state = obj.get("state_dict", obj) if isinstance(obj.get("state_dict"), dict) else obj
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -168,10 +168,12 @@ def convert_official_state_dict(state: dict[str, torch.Tensor], model: UNETRPP,
                 raise CheckpointError(f"{source}: key {key!r} differs from {tied!r}, but this preset shares one "
                                       "projection for K and V (kv_proj='shared'); use a kv_proj='separate' preset")
             continue
-        if ours.endswith("epa_block.EF") or key.endswith("epa_block.EF"):
-            value = value.t()
-        elif key.endswith(("temperature", "temperature2")) or key.endswith("conv8.1.weight"):
-            value = value.reshape(value.shape[0], -1) if key.endswith("conv8.1.weight") else value.reshape(-1)
+        if key.endswith("epa_block.EF"):
+            value = value.t()  # (N, p) parameter -> (p, N) Linear weight
+        elif key.endswith(("temperature", "temperature2")):
+            value = value.reshape(-1)  # (h, 1, 1) -> (h,)
+        elif key.endswith("conv8.1.weight"):
+            value = value.flatten(1)  # 1x1x1 conv -> linear
         if ours not in expected:
             raise CheckpointError(f"{source}: key {key!r} (shape {tuple(value.shape)}) has no place in this "
                                   "model (deep supervision off, or another variant?)")

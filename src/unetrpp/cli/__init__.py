@@ -1,0 +1,1 @@
+"""The ``unetrpp`` command line: one small module per command."""

@@ -1,0 +1,43 @@
+"""Process-level runtime settings for CPU speed (opt-in; the CLI and benchmarks call them)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed large blocks in the heap instead of returning them to the OS (glibc only).
+
+    glibc serves every allocation above its mmap threshold with a fresh ``mmap``, so each new
+    64 MB activation of a 3-D network is page-faulted in again: about 3x the cost of the
+    arithmetic of an element-wise op. Turning that off made the Synapse forward pass about 10 %
+    faster on 2 cores (docs/benchmarks.md). Process-wide, hence opt-in; returns whether applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**30) == 1
+    except (OSError, AttributeError):
+        return False
+    return bool(ok)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: leave as is); returns the count in effect."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return torch.get_num_threads()
