@@ -58,23 +58,68 @@ def _inplace_ok(*tensors: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
-def instance_norm_lrelu(x: torch.Tensor, activation: bool = True) -> torch.Tensor:
-    """Instance norm without affine parameters (MONAI's ``"instance"``), then LeakyReLU(0.01).
+class _InstanceNormAct(torch.autograd.Function):
+    """``lrelu(instance_norm(x) [+ res])`` on ``(B, N, C)`` tokens, saving only its output.
 
-    Channels-last inputs use one statistics pass and one fused normalisation pass (in place when
-    autograd does not need ``x``); ``F.instance_norm`` is several times slower on that layout.
+    Instance norm has no affine parameters, so the normalised input is recovered in backward from
+    the output (LeakyReLU is invertible), minus ``res`` when one was added. Autograd through the
+    plain ops would keep the convolution output as well: one full-resolution tensor per norm.
     """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, res: torch.Tensor | None):
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + NORM_EPS)
+        y = torch.addcmul(-mean * rstd, x, rstd)
+        if res is not None:
+            y.add_(res)
+        F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
+        ctx.save_for_backward(y, rstd, res)
+        ctx.has_res = res is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, rstd, res = ctx.saved_tensors
+        # LeakyReLU slope s (1 or 0.01) from the sign of the output; few full-size temporaries,
+        # in-place updates: this is memory-bound at full resolution.
+        slope = (y > 0).to(y.dtype).mul_(1.0 - LEAKY_SLOPE).add_(LEAKY_SLOPE)
+        g = grad * slope
+        xhat = torch.div(y, slope, out=slope)  # the normalised input (+ res)
+        if ctx.has_res:
+            xhat.sub_(res)
+        n = y.shape[1]
+        mean_g = g.sum(dim=1, keepdim=True).div_(n)
+        mean_gx = torch.linalg.vecdot(g, xhat, dim=1).unsqueeze(1).div_(n)
+        dx = (g - mean_g).sub_(xhat.mul_(mean_gx)).mul_(rstd)
+        return dx, (g if ctx.has_res else None)
+
+
+def instance_norm_lrelu(x: torch.Tensor, activation: bool = True, res: torch.Tensor | None = None) -> torch.Tensor:
+    """Instance norm without affine parameters (MONAI's ``"instance"``) [+ res], then LeakyReLU(0.01).
+
+    ``res`` (tokens) is added after the norm and before the activation. Channels-last inputs use
+    one statistics pass and one fused pass (in place in inference; with autograd, a custom function
+    that keeps only the output); ``F.instance_norm`` is several times slower on that layout.
+    """
+    spatial = tuple(x.shape[2:])
     if not x.is_contiguous(memory_format=torch.channels_last_3d):
         y = F.instance_norm(x, eps=NORM_EPS)
+        if res is not None:
+            y = y + tokens_to_volume(res, spatial)
         return F.leaky_relu(y, LEAKY_SLOPE, inplace=True) if activation else y
     v = volume_to_tokens(x)
+    if activation and not _inplace_ok(v, *(() if res is None else (res,))):
+        return tokens_to_volume(_InstanceNormAct.apply(v, res), spatial)
     var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + NORM_EPS)
     shift = -mean * rstd
     y = torch.addcmul(shift, v, rstd, out=v) if _inplace_ok(v) else torch.addcmul(shift, v, rstd)
+    if res is not None:
+        y = y.add_(res) if _inplace_ok(y, res) else y + res
     if activation:
         y = F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
-    return tokens_to_volume(y, tuple(x.shape[2:]))
+    return tokens_to_volume(y, spatial)
 
 
 def normalized_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -148,14 +193,13 @@ class ResConvBlock(nn.Module):
             return self._forward_reference(x)
         if self.norm_kind == "instance":
             h = instance_norm_lrelu(self._conv_bn(x, self.conv1, None))
-            h = instance_norm_lrelu(self._conv_bn(h, self.conv2, None), activation=False)
             res = volume_to_tokens(x) if self.skip is None else normalized_projection(x, self.skip.weight)
+            return instance_norm_lrelu(self._conv_bn(h, self.conv2, None), res=res)
         else:
             h = F.leaky_relu(self._conv_bn(x, self.conv1, self.norm1), LEAKY_SLOPE, inplace=True)
             h = self._conv_bn(h, self.conv2, self.norm2)
             res = volume_to_tokens(x if self.skip is None else self._conv_bn(x, self.skip, self.skip_norm))
-        t = volume_to_tokens(h)
-        t = t.add_(res) if _inplace_ok(t, res) or self.norm_kind == "batch" else t + res
+        t = volume_to_tokens(h).add_(res)  # BN/conv backward needs neither h nor res
         return tokens_to_volume(F.leaky_relu(t, LEAKY_SLOPE, inplace=True), tuple(x.shape[2:]))
 
 

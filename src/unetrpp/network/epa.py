@@ -40,6 +40,44 @@ HEAD_MERGES = ("official", "standard")
 _L2_EPS = 1e-12
 
 
+class _SpatialAttention(torch.autograd.Function):
+    """``dropout(softmax(q k^T)) v`` for the spatial branch (few keys: p), memory-lean in training.
+
+    Keeps q, k, v and the dropout mask as booleans for backward, and recomputes the N x p softmax
+    there instead of keeping it (SDPA's training path keeps several N x p float tensors per block).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float):
+        attn = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)
+        mask = None
+        if dropout > 0:
+            mask = torch.rand_like(attn) >= dropout
+            attn.mul_(mask).mul_(1.0 / (1.0 - dropout))
+        ctx.dropout = dropout
+        ctx.save_for_backward(q, k, v, mask)
+        return torch.matmul(attn, v)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, mask = ctx.saved_tensors
+        attn = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)
+        grad_attn = torch.matmul(grad, v.transpose(-1, -2))
+        if mask is not None:
+            scale = 1.0 / (1.0 - ctx.dropout)
+            kept = attn * mask * scale
+            grad_attn.mul_(mask).mul_(scale)
+        else:
+            kept = attn
+        # (p, N) @ (N, d) products are written as ((d, N) @ (N, p))^T: BLAS is ~4x faster that way round
+        grad_v = torch.matmul(grad.transpose(-1, -2), kept).transpose(-1, -2)
+        # softmax backward: a * (g - sum(g * a))
+        grad_logits = grad_attn.sub_((grad_attn * attn).sum(dim=-1, keepdim=True)).mul_(attn)
+        grad_q = torch.matmul(grad_logits, k)
+        grad_k = torch.matmul(q.transpose(-1, -2), grad_logits).transpose(-1, -2)
+        return grad_q, grad_k, grad_v, None
+
+
 class EPA(nn.Module):
     """Efficient Paired Attention on ``(B, N, C)`` tokens.
 
@@ -150,13 +188,12 @@ class EPA(nn.Module):
         v_p = self._project_tokens(v_s, proj_v)
         p = k_p.shape[1]
         k_p = k_p * (self.temperature_spatial.repeat_interleave(d) / q_norm).unsqueeze(1)
-        y = F.scaled_dot_product_attention(
-            q.view(b, n, h, d).transpose(1, 2),
-            k_p.view(b, p, h, d).transpose(1, 2),
-            v_p.view(b, p, h, d).transpose(1, 2),
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            scale=1.0,
-        )  # (B, h, N, d)
+        qh, kh, vh = (q.view(b, n, h, d).transpose(1, 2), k_p.view(b, p, h, d).transpose(1, 2),
+                      v_p.view(b, p, h, d).transpose(1, 2))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qh, kh, vh)):
+            y = _SpatialAttention.apply(qh, kh, vh, self.attn_dropout if self.training else 0.0)
+        else:  # inference: the fused kernel
+            y = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0)  # (B, h, N, d)
         x_s = self._merge_spatial(y)
 
         # Channel branch: one C x C Gram GEMM, keep the diagonal d x d head blocks.

@@ -11,9 +11,27 @@ from torch import nn
 DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
 
 
+def _dice_terms(probs: torch.Tensor, labels: torch.Tensor, batch_dice: bool):
+    """Per (sample, class) or per class: ``tp`` and ``|P| + |G|`` without a one-hot tensor."""
+    b, k = probs.shape[:2]
+    flat_p = probs.reshape(b, k, -1)
+    flat_t = labels.reshape(b, 1, -1).long()
+    p_true = flat_p.gather(1, flat_t)[:, 0]  # probability of the true class at each voxel
+    tp = probs.new_zeros(b, k).scatter_add_(1, flat_t[:, 0], p_true)
+    size_p = flat_p.sum(-1)
+    size_g = torch.zeros(b, k, dtype=probs.dtype, device=probs.device).scatter_add_(
+        1, flat_t[:, 0], torch.ones_like(p_true))
+    if batch_dice:
+        tp, size_p, size_g = tp.sum(0), size_p.sum(0), size_g.sum(0)
+    return tp, size_p + size_g
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool = False,
-                   include_background: bool = False, smooth: float = 1e-5) -> torch.Tensor:
-    """``-mean(Dice)`` of softmax probabilities against integer labels.
+                   include_background: bool = False, smooth: float = 1e-5,
+                   probs: torch.Tensor | None = None) -> torch.Tensor:
+    """``-mean(Dice)`` of softmax probabilities against integer labels (nnU-Net's ``SoftDiceLoss``).
+
+    ``Dice = (2 tp + smooth) / (2 tp + fp + fn + smooth + 1e-8)`` with ``2 tp + fp + fn = |P| + |G|``.
 
     Args:
         logits: ``(B, K, *spatial)``.
@@ -21,19 +39,17 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, batch_dice: bool 
         batch_dice: sum over the batch as well as space (one Dice per class) instead of one
             Dice per sample and class.
         include_background: include class 0 in the mean.
-        smooth: added to numerator and denominator (nnU-Net: 1e-5, denominator also + 1e-8).
+        smooth: added to numerator and denominator (nnU-Net: 1e-5).
+        probs: the softmax of ``logits`` if already computed.
     """
     if target.dim() == logits.dim():
         target = target[:, 0]
-    probs = logits.float().softmax(dim=1)
-    onehot = torch.zeros_like(probs).scatter_(1, target.long().unsqueeze(1), 1.0)
+    if probs is None:
+        probs = logits.float().softmax(dim=1)
+    tp, sizes = _dice_terms(probs, target, batch_dice)
+    dice = (2 * tp + smooth) / (sizes + smooth + 1e-8)
     if not include_background:
-        probs, onehot = probs[:, 1:], onehot[:, 1:]
-    axes = [0, *range(2, probs.dim())] if batch_dice else list(range(2, probs.dim()))
-    tp = (probs * onehot).sum(axes)
-    fp = (probs * (1 - onehot)).sum(axes)
-    fn = ((1 - probs) * onehot).sum(axes)
-    dice = (2 * tp + smooth) / (2 * tp + fp + fn + smooth + 1e-8)
+        dice = dice[..., 1:]
     return -dice.mean()
 
 
@@ -48,8 +64,9 @@ class DiceCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         labels = target[:, 0] if target.dim() == logits.dim() else target
-        ce = F.cross_entropy(logits.float(), labels.long())
-        dice = soft_dice_loss(logits, labels, self.batch_dice, self.include_background)
+        log_probs = logits.float().log_softmax(dim=1)
+        ce = F.nll_loss(log_probs, labels.long())
+        dice = soft_dice_loss(logits, labels, self.batch_dice, self.include_background, probs=log_probs.exp())
         return self.weight_ce * ce + self.weight_dice * dice
 
 
