@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -32,12 +31,3 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(ok)
 
-
-def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None: leave as is); returns the count in effect."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(int(threads))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    return torch.get_num_threads()

@@ -21,12 +21,10 @@ def _g(n: float) -> str:
 
 
 def run(args) -> int:
-    import torch
 
-    from ..network import create_model
+    from ..network import create_model, get_preset
     from ..network.analysis import profile_model
 
-    torch.set_grad_enabled(False)
     overrides = {"img_size": tuple(args.patch_size)} if args.patch_size else {}
     model = create_model(args.preset, **overrides)
     prof = profile_model(model, with_memory=not args.no_memory)
@@ -43,7 +41,9 @@ def run(args) -> int:
           f"{cfg.out_channels} classes")
     print(f"  variant: kv_proj={cfg.kv_proj}, fusion={cfg.fusion}, conv_blocks={cfg.conv_blocks}, "
           f"stem_stride={tuple(cfg.stem_stride)}, head_merge={cfg.head_merge}")
-    print(f"  parameters:      {prof.params:,} ({prof.params / 1e6:.2f} M)")
+    official = get_preset(args.preset).official_params
+    note = f"; official: {official:,}" if official is not None and not args.patch_size else ""
+    print(f"  parameters:      {prof.params:,} ({prof.params / 1e6:.2f} M{note})")
     print(f"  multiply-adds:   {prof.macs / 1e9:.3f} G MACs   (the paper's 'FLOPs', fvcore convention)")
     print(f"  FLOPs:           {prof.flops / 1e9:.3f} G       (2 x MACs)")
     kinds = ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in sorted(prof.macs_by_kind.items()))

@@ -11,10 +11,6 @@ from . import convert_weights, info
 COMMANDS = (info, convert_weights)
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unetrpp", description="UNETR++ for 3D medical image segmentation."
@@ -34,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unetrpp: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"unetrpp {args.command}: error: {msg}", file=sys.stderr)
         return 2

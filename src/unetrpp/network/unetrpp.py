@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,7 +77,6 @@ class UNETRPPConfig:
     proj_dropout: float = 0.1
     head_merge: str = "official"
     deep_supervision: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.img_size = _triple(self.img_size, "img_size")
