@@ -95,7 +95,7 @@ class _InstanceNormAct(torch.autograd.Function):
         return dx, (g if ctx.has_res else None)
 
 
-def instance_norm_lrelu(x: torch.Tensor, activation: bool = True, res: torch.Tensor | None = None) -> torch.Tensor:
+def instance_norm_lrelu(x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
     """Instance norm without affine parameters (MONAI's ``"instance"``) [+ res], then LeakyReLU(0.01).
 
     ``res`` (tokens) is added after the norm and before the activation. Channels-last inputs use
@@ -107,19 +107,16 @@ def instance_norm_lrelu(x: torch.Tensor, activation: bool = True, res: torch.Ten
         y = F.instance_norm(x, eps=NORM_EPS)
         if res is not None:
             y = y + tokens_to_volume(res, spatial)
-        return F.leaky_relu(y, LEAKY_SLOPE, inplace=True) if activation else y
+        return F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
     v = volume_to_tokens(x)
-    if activation and not _inplace_ok(v, *(() if res is None else (res,))):
+    if not _inplace_ok(v, *(() if res is None else (res,))):
         return tokens_to_volume(_InstanceNormAct.apply(v, res), spatial)
     var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)
     rstd = torch.rsqrt(var + NORM_EPS)
-    shift = -mean * rstd
-    y = torch.addcmul(shift, v, rstd, out=v) if _inplace_ok(v) else torch.addcmul(shift, v, rstd)
+    y = torch.addcmul(-mean * rstd, v, rstd, out=v)
     if res is not None:
-        y = y.add_(res) if _inplace_ok(y, res) else y + res
-    if activation:
-        y = F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
-    return tokens_to_volume(y, spatial)
+        y.add_(res)
+    return tokens_to_volume(F.leaky_relu(y, LEAKY_SLOPE, inplace=True), spatial)
 
 
 def normalized_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -195,10 +192,9 @@ class ResConvBlock(nn.Module):
             h = instance_norm_lrelu(self._conv_bn(x, self.conv1, None))
             res = volume_to_tokens(x) if self.skip is None else normalized_projection(x, self.skip.weight)
             return instance_norm_lrelu(self._conv_bn(h, self.conv2, None), res=res)
-        else:
-            h = F.leaky_relu(self._conv_bn(x, self.conv1, self.norm1), LEAKY_SLOPE, inplace=True)
-            h = self._conv_bn(h, self.conv2, self.norm2)
-            res = volume_to_tokens(x if self.skip is None else self._conv_bn(x, self.skip, self.skip_norm))
+        h = F.leaky_relu(self._conv_bn(x, self.conv1, self.norm1), LEAKY_SLOPE, inplace=True)
+        h = self._conv_bn(h, self.conv2, self.norm2)
+        res = volume_to_tokens(x if self.skip is None else self._conv_bn(x, self.skip, self.skip_norm))
         t = volume_to_tokens(h).add_(res)  # BN/conv backward needs neither h nor res
         return tokens_to_volume(F.leaky_relu(t, LEAKY_SLOPE, inplace=True), tuple(x.shape[2:]))
 
