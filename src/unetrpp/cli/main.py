@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import convert_weights, info
+from . import check, convert, convert_weights, info, phantom, plan, preprocess
 
-COMMANDS = (info, convert_weights)
+COMMANDS = (info, convert_weights, convert, check, plan, preprocess, phantom)
 
 
 def build_parser() -> argparse.ArgumentParser:

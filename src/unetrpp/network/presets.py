@@ -15,6 +15,7 @@ class Preset:
     description: str
     kwargs: dict = field(default_factory=dict)
     official_params: int | None = None
+    batch_size: int = 2  # the official training batch size (spec section 3)
 
     def config(self, **overrides) -> UNETRPPConfig:
         return UNETRPPConfig(**{**self.kwargs, **overrides})
@@ -45,6 +46,7 @@ PRESETS: dict[str, Preset] = {
             dict(_COMMON, in_channels=1, out_channels=4, img_size=(16, 160, 160), stem_stride=(1, 4, 4),
                  kv_proj="separate", fusion="concat", conv_blocks=2, attn_dropout=0.1),
             official_params=66_796_404,
+            batch_size=4,
         ),
         Preset(
             "tumor",

@@ -1,0 +1,47 @@
+"""``unetrpp plan``: fingerprint a dataset and write plans.json."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="fingerprint a dataset and write plans.json",
+        description="Compute the dataset fingerprint (spacings, shapes, foreground intensity statistics) and "
+                    "write DATASET/fingerprint.json and DATASET/plans.json: target spacing, per-channel "
+                    "normalisation, patch size and batch size. Creates splits.json (5-fold) if absent.")
+    p.add_argument("dataset", help="dataset folder (with dataset.json)")
+    p.add_argument("--preset", help="take patch size, strides and batch size from this network preset")
+    p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"),
+                   help="patch size (default: the preset's, else chosen from the median shape)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the preset's, else 2)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from ..data.layout import load_splits
+    from ..data.plan import plan_dataset
+
+    divisor, patch, batch = (16, 32, 32), args.patch_size, args.batch_size or 2
+    if args.preset:
+        from ..network.presets import get_preset
+
+        preset = get_preset(args.preset)
+        config = preset.config()
+        divisor = tuple(int(s) * 8 for s in config.stem_stride)
+        patch = patch or tuple(config.img_size)
+        batch = args.batch_size or preset.batch_size
+    plans = plan_dataset(args.dataset, patch_size=patch, divisor=divisor, batch_size=batch, preset=args.preset,
+                         workers=args.workers, progress=sys.stderr.isatty())
+    load_splits(args.dataset)
+    norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans["normalization"])
+    print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans['target_spacing'])} mm (z, y, x), "
+          f"median shape {_mm(plans['median_shape_after_resampling'])}, patch {tuple(plans['patch_size'])}, "
+          f"batch {plans['batch_size']}, normalisation {norm}")
+    return 0
+
+
+def _mm(v) -> str:
+    return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"

@@ -1,0 +1,1 @@
+"""Datasets: layouts, converters, checks, planning, preprocessing and the phantom (no torch)."""

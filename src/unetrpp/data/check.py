@@ -1,0 +1,165 @@
+"""``unetrpp check``: every problem of a v2 dataset at once, each with the case it belongs to."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..io import ImageReadError, read_image, read_json
+from .layout import _CHANNEL_RE, Case, Dataset, validate_dataset_json
+
+
+@dataclass(frozen=True)
+class Problem:
+    case: str  # case name, or "dataset" for dataset-wide problems
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.message}"
+
+
+def _nonfinite(path: Path, array: np.ndarray) -> int:
+    """NaN/inf voxels of a float volume. ITK's NIfTI reader turns NaN into 0, so NIfTI data is read raw."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        array = np.asanyarray(nibabel.load(path).dataobj)
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def _check_case(case: Case, num_channels: int, label_values: list[int]) -> list[Problem]:
+    out: list[Problem] = []
+
+    def add(msg: str) -> None:
+        out.append(Problem(case.name, msg))
+
+    reference = None  # (shape, geometry, file) of the first readable channel
+    for path in case.images:
+        if not path.exists():
+            add(f"missing image file {path.name}")
+            continue
+        try:
+            array, geometry = read_image(path)
+        except ImageReadError as e:
+            add(f"unreadable image {path.name}: {str(e).split(': ', 1)[-1]}")
+            continue
+        if array.ndim != 3:
+            add(f"{path.name} is {array.ndim}D with shape {array.shape}; each channel file must be 3D")
+            continue
+        bad = _nonfinite(path, array)
+        if bad:
+            add(f"{path.name} has {bad} NaN/inf voxels")
+        if reference is None:
+            reference = (array.shape, geometry, path.name)
+        else:
+            if array.shape != reference[0]:
+                add(f"{path.name} shape {array.shape} differs from {reference[2]} {reference[0]}")
+            elif why := reference[1].mismatch(geometry):
+                add(f"{path.name} geometry differs from {reference[2]}: {why}")
+    if case.label is None:
+        return out
+    if not case.label.exists():
+        add(f"missing label file {case.label.name}")
+        return out
+    try:
+        label, lgeom = read_image(case.label)
+    except ImageReadError as e:
+        add(f"unreadable label {case.label.name}: {str(e).split(': ', 1)[-1]}")
+        return out
+    if label.ndim != 3:
+        add(f"label {case.label.name} is {label.ndim}D with shape {label.shape}; labels must be 3D")
+        return out
+    if np.issubdtype(label.dtype, np.floating):
+        if _nonfinite(case.label, label):
+            add(f"label {case.label.name} has NaN/inf voxels")
+            return out
+        if not np.array_equal(label, np.round(label)):
+            add(f"label {case.label.name} has non-integer values")
+            return out
+    values = np.unique(label)
+    unknown = sorted(set(values.astype(np.int64).tolist()) - set(label_values))
+    if unknown:
+        add(f"label {case.label.name} has values {unknown[:10]} not declared in dataset.json {label_values}")
+    if reference is not None:
+        if label.shape != reference[0]:
+            add(f"label shape {label.shape} differs from image shape {reference[0]}")
+        elif why := reference[1].mismatch(lgeom):
+            add(f"label geometry differs from image: {why}")
+    return out
+
+
+def check_dataset(root: str | os.PathLike, workers: int = 1, progress: bool = False) -> list[Problem]:
+    """All problems found in the dataset at ``root`` (empty when it is ready for ``plan``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return [Problem("dataset", f"{root} is not a folder")]
+    try:
+        meta = read_json(root / "dataset.json")
+    except (FileNotFoundError, ValueError) as e:
+        return [Problem("dataset", str(e))]
+    problems = [Problem("dataset", f"dataset.json: {p}") for p in validate_dataset_json(meta)]
+    if problems:
+        return problems
+    ds = Dataset.open(root)
+    if not (root / "imagesTr").is_dir():
+        problems.append(Problem("dataset", "no imagesTr folder"))
+    if not (root / "labelsTr").is_dir():
+        problems.append(Problem("dataset", "no labelsTr folder"))
+    cases = ds.training_cases()
+    if len(cases) != ds.num_training:
+        msg = f"numTraining is {ds.num_training} but {len(cases)} training cases were found"
+        problems.append(Problem("dataset", msg))
+    problems += _extra_files(root, ds)
+
+    jobs = [(c, ds.num_channels, ds.label_values) for c in cases]
+    results: list[list[Problem]]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            it = pool.map(_check_case, *zip(*jobs, strict=True), chunksize=4)
+            results = list(_progress(it, len(jobs), progress))
+    else:
+        results = [_check_case(*j) for j in _progress(jobs, len(jobs), progress)]
+    for r in results:
+        problems += r
+    return problems
+
+
+def _extra_files(root: Path, ds: Dataset) -> list[Problem]:
+    out = []
+    ending = ds.file_ending
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        d = root / folder
+        if not d.is_dir():
+            continue
+        for entry in sorted(os.listdir(d)):
+            if entry.startswith("."):
+                continue
+            if not entry.endswith(ending):
+                out.append(Problem(entry, f"{folder}/{entry}: unexpected file (file_ending is {ending})"))
+                continue
+            stem = entry[: -len(ending)]
+            if folder == "labelsTr":
+                continue  # every label names a case
+            m = _CHANNEL_RE.match(stem)
+            if not m:
+                out.append(Problem(stem, f"{folder}/{entry}: image name must end in _XXXX (channel index)"))
+                continue
+            case, channel = m.group("case"), int(m.group("channel"))
+            if channel >= ds.num_channels:
+                out.append(Problem(case, f"{folder}/{entry}: channel count mismatch: channel {channel} found, "
+                                         f"dataset.json declares {ds.num_channels} channel(s)"))  # fmt: skip
+    return out
+
+
+def _progress(it, total: int, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc="check", unit="case")

@@ -1,0 +1,232 @@
+"""Converters from the paper datasets' download layouts into the nnU-Net v2 raw layout.
+
+Each converter reads the layout as it comes from the data provider, writes ``DST`` in the v2
+layout (``dataset.json``, ``imagesTr``, ``labelsTr``, ``imagesTs``) and a ``splits.json``:
+
+* ``synapse``: BTCV ``RawData`` (``img0001.nii.gz`` / ``label0001.nii.gz``); 14 classes, the
+  paper's fixed 18 train / 12 test split (spec section 5.1).
+* ``btcv``: the same download, all 13 organs, 24 train / 6 validation. The official list is not
+  public; we fix the split of MONAI's BTCV tutorial (validation ``img0035``-``img0040``).
+* ``acdc``: ``patientNNN/patientNNN_frameMM.nii.gz`` + ``_gt``, end-diastole and end-systole frames
+  from ``Info.cfg``; the paper's 20 test patients (40 volumes) held out, patients 001-100
+  otherwise train, patients above 100 (ACDC's own test set) go to ``imagesTs``/``labelsTs``.
+* ``msd``: any Medical Segmentation Decathlon task (``dataset.json`` with a ``training`` list,
+  4D multi-modal NIfTI split into ``CASE_0000``, ``CASE_0001``, ...). Task06 Lung gets the paper's
+  fixed 13-case test split (spec section 5.4); every other task 5-fold cross-validation.
+
+Source files are copied byte for byte where no channel split is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from ..io import read_image, read_json, write_image
+from .layout import fixed_split, kfold_splits, write_dataset_json, write_splits
+
+BTCV_LABELS = {
+    "background": 0, "spleen": 1, "right kidney": 2, "left kidney": 3, "gallbladder": 4, "esophagus": 5,
+    "liver": 6, "stomach": 7, "aorta": 8, "inferior vena cava": 9, "portal and splenic vein": 10,
+    "pancreas": 11, "right adrenal gland": 12, "left adrenal gland": 13,
+}  # fmt: skip
+
+#: Spec section 5.1: the paper's Synapse test ("val" in the official code) cases.
+SYNAPSE_TEST = [f"img{i:04d}" for i in (1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38)]
+#: Our fixed BTCV validation cases (MONAI's BTCV tutorial split).
+BTCV_VAL = [f"img{i:04d}" for i in range(35, 41)]
+#: Spec section 5.2: the paper's ACDC test patients.
+ACDC_TEST_PATIENTS = (2, 3, 8, 9, 12, 14, 17, 24, 42, 48, 49, 53, 55, 64, 67, 79, 81, 88, 92, 95)
+ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+#: Spec section 5.4: the paper's Decathlon-Lung test cases.
+LUNG_TEST = [f"lung_{i:03d}" for i in (1, 3, 25, 27, 44, 46, 48, 58, 62, 70, 81, 83, 93)]
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: expected by the source layout but missing")
+    return path
+
+
+def _run(jobs: list[tuple[Callable, tuple]], workers: int) -> None:
+    if workers <= 1 or len(jobs) <= 1:
+        for fn, args in jobs:
+            fn(*args)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for f in [pool.submit(fn, *args) for fn, args in jobs]:
+            f.result()
+
+
+# ---------------------------------------------------------------------- Synapse / BTCV
+def convert_synapse(src: str | os.PathLike, dst: str | os.PathLike, variant: str = "synapse") -> Path:
+    """BTCV ``RawData`` -> v2 layout with the ``synapse`` (18/12) or ``btcv`` (24/6) split."""
+    if variant not in ("synapse", "btcv"):
+        raise ValueError(f"variant must be 'synapse' or 'btcv', got {variant!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
+    images, labels = {}, {}
+    for p in sorted(src.rglob("*.nii.gz")):
+        if p.name.startswith("."):
+            continue
+        m = re.fullmatch(r"(img|label)(\d{4})\.nii\.gz", p.name)
+        if not m:
+            continue
+        table = images if m.group(1) == "img" else labels
+        name = f"img{m.group(2)}"
+        if name in table:
+            raise ValueError(f"{p}: case {name} appears twice in {src} (also {table[name]})")
+        table[name] = p
+    if not labels:
+        raise ValueError(f"{src}: no labelNNNN.nii.gz files; expected BTCV RawData (Training/img, Training/label)")
+    orphans = sorted(set(labels) - set(images))
+    if orphans:
+        raise ValueError(f"{labels[orphans[0]]}: label without image img{orphans[0][3:]}.nii.gz")
+    train = sorted(labels)
+    for n in train:
+        copy_atomic(images[n], dst / "imagesTr" / f"{n}_0000.nii.gz")
+        copy_atomic(labels[n], dst / "labelsTr" / f"{n}.nii.gz")
+    for n in sorted(set(images) - set(labels)):
+        copy_atomic(images[n], dst / "imagesTs" / f"{n}_0000.nii.gz")
+    write_dataset_json(
+        dst, ["CT"], BTCV_LABELS, len(train), ".nii.gz", name=variant,
+        description=f"BTCV abdomen CT converted by unetrpp ({variant} split)",
+    )  # fmt: skip
+    val = SYNAPSE_TEST if variant == "synapse" else BTCV_VAL
+    write_splits(dst, fixed_split(train, val))
+    return dst
+
+
+# ---------------------------------------------------------------------- ACDC
+def _read_info(path: Path) -> dict[str, str]:
+    info = {}
+    for line in _need(path).read_text().splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            info[k.strip()] = v.strip()
+    for key in ("ED", "ES"):
+        if not info.get(key, "").isdigit():
+            raise ValueError(f"{path}: no integer {key} frame")
+    return info
+
+
+def convert_acdc(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """ACDC download -> v2 layout, ED and ES frames, the paper's 20 test patients held out."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such folder")
+    patients = sorted(
+        (p for p in src.rglob("patient*") if p.is_dir() and re.fullmatch(r"patient\d{3}", p.name)),
+        key=lambda p: p.name,
+    )
+    if not patients:
+        raise ValueError(f"{src}: no patientNNN folders found; expected the ACDC training/ (and testing/) folders")
+    train, test_patients = [], []
+    seen = set()
+    for folder in patients:
+        if folder.name in seen:
+            raise ValueError(f"{folder}: {folder.name} appears twice in {src}")
+        seen.add(folder.name)
+        number = int(folder.name[7:])
+        info = _read_info(folder / "Info.cfg")
+        for key in ("ED", "ES"):
+            case = f"{folder.name}_frame{int(info[key]):02d}"
+            img = _need(folder / f"{case}.nii.gz")
+            gt = folder / f"{case}_gt.nii.gz"
+            if number <= 100:
+                copy_atomic(img, dst / "imagesTr" / f"{case}_0000.nii.gz")
+                copy_atomic(_need(gt), dst / "labelsTr" / f"{case}.nii.gz")
+                train.append(case)
+            else:
+                copy_atomic(img, dst / "imagesTs" / f"{case}_0000.nii.gz")
+                if gt.exists():
+                    copy_atomic(gt, dst / "labelsTs" / f"{case}.nii.gz")
+                test_patients.append(case)
+    write_dataset_json(dst, ["MRI"], ACDC_LABELS, len(train), ".nii.gz", name="acdc",
+                       description="ACDC cine MRI (ED and ES frames) converted by unetrpp")  # fmt: skip
+    val = [c for c in train if int(c[7:10]) in ACDC_TEST_PATIENTS]
+    write_splits(dst, fixed_split(train, val) if val else kfold_splits(train))
+    return dst
+
+
+# ---------------------------------------------------------------------- MSD
+def _msd_image(src: Path, out_dir: Path, case: str, channels: int) -> None:
+    if channels == 1:
+        copy_atomic(src, out_dir / f"{case}_0000.nii.gz")
+        return
+    array, geometry = read_image(src)
+    if array.ndim != 4 or array.shape[0] != channels:
+        raise ValueError(f"{src}: expected {channels} channels (4D), got shape {array.shape}")
+    for c in range(channels):
+        write_image(array[c], geometry, out_dir / f"{case}_{c:04d}.nii.gz")
+
+
+def _msd_path(root: Path, entry: str) -> Path:
+    return _need(root / (entry[2:] if entry.startswith("./") else entry))
+
+
+def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1) -> Path:
+    """A Medical Segmentation Decathlon task folder -> v2 layout (+ splits)."""
+    src, dst = Path(src), Path(dst)
+    meta = read_json(src / "dataset.json")
+    if not isinstance(meta, dict) or "training" not in meta:
+        raise ValueError(f"{src / 'dataset.json'}: not an MSD dataset.json (no 'training' list)")
+    modality = meta.get("modality") or {"0": "unknown"}
+    channels = [str(modality[k]) for k in sorted(modality, key=int)]
+    labels = {}
+    for k, v in meta.get("labels", {}).items():
+        if not str(k).isdigit():
+            raise ValueError(f"{src / 'dataset.json'}: label key {k!r} is not an integer")
+        name = str(v) if str(v) not in labels else f"{v}_{k}"
+        labels[name] = int(k)
+    jobs, train = [], []
+    for item in meta["training"]:
+        img, lab = _msd_path(src, item["image"]), _msd_path(src, item["label"])
+        case = img.name.removesuffix(".nii.gz").removesuffix(".nii")
+        train.append(case)
+        jobs.append((_msd_image, (img, dst / "imagesTr", case, len(channels))))
+        jobs.append((copy_atomic, (lab, dst / "labelsTr" / f"{case}.nii.gz")))
+    for entry in meta.get("test", []):
+        img = _msd_path(src, entry if isinstance(entry, str) else entry["image"])
+        case = img.name.removesuffix(".nii.gz").removesuffix(".nii")
+        jobs.append((_msd_image, (img, dst / "imagesTs", case, len(channels))))
+    if len(set(train)) != len(train):
+        raise ValueError(f"{src / 'dataset.json'}: a case is listed twice in 'training'")
+    _run(jobs, workers)
+    name = str(meta.get("name") or src.name)
+    write_dataset_json(
+        dst, channels, labels, len(train), ".nii.gz", name=name,
+        description=str(meta.get("description", "")), reference=str(meta.get("reference", "")),
+        licence=str(meta.get("licence", "")), converted_from="Medical Segmentation Decathlon",
+    )  # fmt: skip
+    if set(LUNG_TEST) <= set(train):
+        write_splits(dst, fixed_split(train, LUNG_TEST))
+    else:
+        write_splits(dst, kfold_splits(train))
+    return dst
+
+
+CONVERTERS = {
+    "synapse": lambda s, d, w: convert_synapse(s, d, "synapse"),
+    "btcv": lambda s, d, w: convert_synapse(s, d, "btcv"),
+    "acdc": lambda s, d, w: convert_acdc(s, d),
+    "msd": lambda s, d, w: convert_msd(s, d, workers=w),
+}

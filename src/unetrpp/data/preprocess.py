@@ -1,0 +1,267 @@
+"""``unetrpp preprocess``: crop, normalise, resample, and store each case memory-mappable.
+
+Per case ``CASE``, in the output folder (default ``DATASET/preprocessed``):
+
+* ``CASE.npy``           float32 ``(c, z, y, x)``, the normalised, resampled image;
+* ``CASE_seg.npy``       uint8 (int16 beyond 255 classes) ``(z, y, x)`` label map;
+* ``CASE_locations.npy`` int32 ``(m, 4)`` rows ``(class, z, y, x)``: a seeded sample of up to
+  10,000 voxels of each foreground class, for foreground oversampling;
+* ``CASE.json``          everything needed to undo the preprocessing (original geometry and shape,
+  crop box, spacings, shapes), written last: a case counts as done only when its JSON is there
+  and names the current plans, so an interrupted run leaves no half case behind.
+
+The order is nnU-Net's: crop to the nonzero box, normalise, resample. :func:`restore_label` and
+:func:`restore_probabilities` take a result on the preprocessed grid back to the original one.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..io import Geometry, read_case, read_image, read_json, write_json, write_npy
+from .layout import Case, Dataset
+from .plan import load_plans, plans_id
+from .resample import (
+    anisotropic_axis,
+    fill_holes,
+    new_shape_for,
+    nonzero_bbox,
+    resample_image,
+    resample_label,
+    resample_probabilities,
+)
+
+LOCATIONS_PER_CLASS = 10_000
+
+
+def normalize(data: np.ndarray, plans: dict) -> np.ndarray:
+    """Normalise ``(c, z, y, x)`` data in place per the plans' per-channel schemes; returns it."""
+    schemes = plans["normalization"]
+    if len(schemes) != data.shape[0]:
+        raise ValueError(f"image has {data.shape[0]} channel(s), the plans expect {len(schemes)}")
+    mask = None  # the nonzero region of the raw data, taken before any channel is changed
+    if any(s.get("use_nonzero_mask") for s in schemes):
+        mask = fill_holes(np.any(data != 0, axis=0))
+    for c, scheme in enumerate(schemes):
+        x = data[c]
+        if scheme["scheme"] == "ct":
+            lo, hi = scheme["clip"]
+            np.clip(x, lo, hi, out=x)
+            x -= scheme["mean"]
+            x /= max(scheme["std"], 1e-8)
+        elif scheme["scheme"] == "zscore":
+            if scheme.get("use_nonzero_mask"):
+                values = x[mask]
+                mean, std = (float(values.mean()), float(values.std())) if values.size else (0.0, 1.0)
+                x -= mean
+                x /= max(std, 1e-8)
+                x[~mask] = 0
+            else:
+                mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
+                x -= mean
+                x /= max(std, 1e-8)
+        elif scheme["scheme"] != "none":
+            raise ValueError(f"unknown normalisation scheme {scheme['scheme']!r}")
+    return data
+
+
+def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
+    axis = anisotropic_axis(spacing)
+    return axis if axis is not None else anisotropic_axis(target)
+
+
+def preprocess_array(
+    data: np.ndarray, geometry: Geometry, plans: dict, label: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """Crop, normalise and resample one case held in memory; returns ``(data, seg, properties)``."""
+    if data.ndim == 3:
+        data = data[None]
+    if data.ndim != 4:
+        raise ValueError(f"image must be (c, z, y, x) or (z, y, x), got shape {data.shape}")
+    data = data.astype(np.float32, copy=True)
+    if not np.isfinite(data).all():
+        raise ValueError("image has NaN/inf voxels")
+    shape = data.shape[1:]
+    bbox = nonzero_bbox(data)
+    crop = tuple(slice(a, b) for a, b in bbox)
+    data = np.ascontiguousarray(data[(slice(None), *crop)])
+    normalize(data, plans)
+    spacing = geometry.spacing_zyx
+    target = tuple(float(t) for t in plans["target_spacing"])
+    new_shape = new_shape_for(data.shape[1:], spacing, target)
+    axis = _separate_axis(spacing, target)
+    data = resample_image(data, new_shape, plans["resampling"]["image_order"], axis)
+    seg = None
+    if label is not None:
+        if label.shape != shape:
+            raise ValueError(f"label shape {label.shape} differs from image shape {shape}")
+        seg = resample_label(np.ascontiguousarray(label[crop]), new_shape, axis, plans["resampling"]["label_order"])
+    props = {
+        "plans_id": plans_id(plans),
+        "geometry": geometry.to_json(),
+        "shape": list(shape),
+        "bbox": [list(b) for b in bbox],
+        "shape_after_crop": [b - a for a, b in bbox],
+        "spacing": list(spacing),
+        "target_spacing": list(target),
+        "shape_after_resampling": list(new_shape),
+    }
+    return data, seg, props
+
+
+def _label_dtype(num_classes: int):
+    return np.uint8 if num_classes <= 256 else np.int16
+
+
+def class_locations(seg: np.ndarray, seed: int, per_class: int = LOCATIONS_PER_CLASS) -> np.ndarray:
+    """Rows ``(class, z, y, x)``: up to ``per_class`` seeded random voxels of each foreground class."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in np.unique(seg):
+        if c == 0:
+            continue
+        idx = np.flatnonzero(seg.ravel() == c)
+        if idx.size > per_class:
+            idx = np.sort(rng.choice(idx, per_class, replace=False))
+        zyx = np.stack(np.unravel_index(idx, seg.shape), axis=1)
+        rows.append(np.concatenate([np.full((len(idx), 1), c), zyx], axis=1))
+    if not rows:
+        return np.zeros((0, 4), dtype=np.int32)
+    return np.concatenate(rows).astype(np.int32)
+
+
+def _case_seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def is_done(out_dir: Path, name: str, pid: str) -> bool:
+    j = out_dir / f"{name}.json"
+    if not j.exists():
+        return False
+    try:
+        return read_json(j).get("plans_id") == pid and all(
+            (out_dir / f"{name}{s}.npy").exists() for s in ("", "_seg", "_locations")
+        )
+    except ValueError:
+        return False
+
+
+def preprocess_case(case: Case, plans: dict, out_dir: str | os.PathLike) -> dict:
+    """Preprocess one training case and store it (data files first, the JSON marker last)."""
+    out_dir = Path(out_dir)
+    data, geometry = read_case(case.images)
+    label, lgeom = read_image(case.label)
+    if label.ndim != 3:
+        raise ValueError(f"{case.label}: label must be 3D, got shape {label.shape}")
+    if why := geometry.mismatch(lgeom):
+        raise ValueError(f"{case.label}: label geometry differs from the image: {why}")
+    if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
+        raise ValueError(f"{case.label}: label has non-integer values")
+    label = label.astype(_label_dtype(int(plans["num_classes"])))
+    data, seg, props = preprocess_array(data, geometry, plans, label)
+    locations = class_locations(seg, _case_seed(case.name))
+    props["name"] = case.name
+    props["class_voxels"] = {str(int(c)): int(n) for c, n in zip(*np.unique(seg, return_counts=True), strict=True)}
+    write_npy(data, out_dir / f"{case.name}.npy")
+    write_npy(seg, out_dir / f"{case.name}_seg.npy")
+    write_npy(locations, out_dir / f"{case.name}_locations.npy")
+    write_json(props, out_dir / f"{case.name}.json")
+    return props
+
+
+def _job(case: Case, plans: dict, out_dir: Path) -> str:
+    preprocess_case(case, plans, out_dir)
+    return case.name
+
+
+def preprocess_dataset(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    plans: dict | None = None,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Preprocess every training case of the dataset at ``root``; returns a summary."""
+    root = Path(root)
+    ds = Dataset.open(root)
+    plans = plans if plans is not None else load_plans(root / "plans.json")
+    out_dir = Path(out_dir) if out_dir is not None else root / "preprocessed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plans, out_dir / "plans.json")
+    pid = plans_id(plans)
+    cases = ds.training_cases()
+    todo = [c for c in cases if overwrite or not is_done(out_dir, c.name, pid)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case")
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_job, c, plans, out_dir) for c in todo]
+                for f in futures:
+                    f.result()
+                    if bar:
+                        bar.update()
+        else:
+            for c in todo:
+                _job(c, plans, out_dir)
+                if bar:
+                    bar.update()
+    finally:
+        if bar:
+            bar.close()
+    return {"cases": len(cases), "processed": len(todo), "skipped": len(cases) - len(todo), "out": str(out_dir)}
+
+
+def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
+    """``(data, seg, locations, properties)`` of a preprocessed case; arrays memory-mapped by default."""
+    out_dir = Path(out_dir)
+    mode = "r" if mmap else None
+    data = np.load(out_dir / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
+    seg = np.load(out_dir / f"{name}_seg.npy", mmap_mode=mode, allow_pickle=False)
+    loc = np.load(out_dir / f"{name}_locations.npy", allow_pickle=False)
+    return data, seg, loc, read_json(out_dir / f"{name}.json")
+
+
+# ---------------------------------------------------------------------- undo
+def _undo_args(props: dict):
+    crop_shape = tuple(props["shape_after_crop"])
+    axis = _separate_axis(props["spacing"], props["target_spacing"])
+    region = tuple(slice(a, b) for a, b in props["bbox"])
+    return crop_shape, axis, region
+
+
+def restore_label(seg: np.ndarray, props: dict) -> np.ndarray:
+    """A label map on the preprocessed grid -> the original grid (background outside the crop)."""
+    crop_shape, axis, region = _undo_args(props)
+    if tuple(seg.shape) != tuple(props["shape_after_resampling"]):
+        raise ValueError(f"label shape {seg.shape} is not the preprocessed shape {props['shape_after_resampling']}")
+    out = np.zeros(props["shape"], dtype=seg.dtype)
+    out[region] = resample_label(np.asarray(seg), crop_shape, axis)
+    return out
+
+
+def restore_probabilities(probs: np.ndarray, props: dict) -> np.ndarray:
+    """``(k, z, y, x)`` probabilities on the preprocessed grid -> the original grid (background 1 outside)."""
+    crop_shape, axis, region = _undo_args(props)
+    if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
+        raise ValueError(
+            f"probability shape {probs.shape[1:]} is not the preprocessed shape {props['shape_after_resampling']}"
+        )
+    out = np.zeros((probs.shape[0], *props["shape"]), dtype=np.float32)
+    out[0] = 1.0
+    out[(slice(None), *region)] = resample_probabilities(np.asarray(probs, np.float32), crop_shape, axis)
+    return out
+
+
+def original_geometry(props: dict) -> Geometry:
+    return Geometry.from_json(props["geometry"])

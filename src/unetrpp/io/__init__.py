@@ -1,0 +1,27 @@
+"""Volumes and their geometry on disk (SimpleITK; no torch)."""
+
+from .image import (
+    FILE_ENDINGS,
+    Geometry,
+    ImageReadError,
+    ImageWriteError,
+    read_case,
+    read_image,
+    split_ending,
+    write_image,
+)
+from .jsonio import read_json, write_json, write_npy
+
+__all__ = [
+    "FILE_ENDINGS",
+    "Geometry",
+    "ImageReadError",
+    "ImageWriteError",
+    "read_case",
+    "read_image",
+    "read_json",
+    "split_ending",
+    "write_image",
+    "write_json",
+    "write_npy",
+]

@@ -1,0 +1,321 @@
+"""Reading and writing volumes with their geometry: NIfTI, NRRD, MHA/MHD and DICOM series.
+
+Arrays are numpy in ``(z, y, x)`` order (SimpleITK's ``GetArrayFromImage``); a multi-channel case
+is ``(c, z, y, x)``. Geometry follows ITK/DICOM conventions: ``spacing`` and ``origin`` in
+``(x, y, z)`` millimetres in LPS patient space and ``direction`` as a row-major 3x3 matrix whose
+columns are the x, y, z axis directions. ``Geometry.spacing_zyx`` gives the spacing in array order.
+
+Every failure is an :class:`ImageReadError` / :class:`ImageWriteError` whose message is one line
+naming the file. Writes go to a temporary file in the target folder and are renamed into place,
+so an interrupted write never leaves a half-written volume under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: File endings we read and write, longest first so ``.nii.gz`` wins over ``.gz``.
+FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageReadError(ValueError):
+    """A volume could not be read; the message names the file and the problem in one line."""
+
+
+class ImageWriteError(ValueError):
+    """A volume could not be written; the message names the file and the problem in one line."""
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def split_ending(path: str | os.PathLike) -> tuple[str, str]:
+    """``'a/b/case_0000.nii.gz'`` -> ``('a/b/case_0000', '.nii.gz')``; ending '' for a folder or unknown type."""
+    s = str(path)
+    low = s.lower()
+    for ending in FILE_ENDINGS:
+        if low.endswith(ending):
+            return s[: -len(ending)], s[-len(ending):]
+    return s, ""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid lies in patient space (ITK conventions, LPS, x-y-z order)."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3
+
+    def __post_init__(self):
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
+        if len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
+            raise ValueError("geometry needs 3 spacings, 3 origin coordinates and 9 direction values")
+        if not all(v > 0 and np.isfinite(v) for v in self.spacing):
+            raise ValueError(f"spacing must be positive and finite, got {self.spacing}")
+
+    @classmethod
+    def identity(cls, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> Geometry:
+        return cls(tuple(reversed([float(s) for s in spacing_zyx])), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        return tuple(reversed(self.spacing))
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def with_spacing_zyx(self, spacing_zyx: Sequence[float]) -> Geometry:
+        return Geometry(tuple(reversed([float(s) for s in spacing_zyx])), self.origin, self.direction)
+
+    def shifted(self, offset_zyx: Sequence[int]) -> Geometry:
+        """The geometry of a crop that starts at voxel ``offset_zyx`` of this grid."""
+        index_xyz = np.asarray(list(reversed(offset_zyx)), dtype=np.float64)
+        origin = np.asarray(self.origin) + self.direction_matrix @ (index_xyz * np.asarray(self.spacing))
+        return Geometry(self.spacing, tuple(origin), self.direction)
+
+    def matches(self, other: Geometry, tol: float = 1e-3) -> bool:
+        """Same grid within ``tol`` (relative for spacing, mm for origin, absolute for direction)."""
+        return self.mismatch(other, tol) is None
+
+    def mismatch(self, other: Geometry, tol: float = 1e-3) -> str | None:
+        """A short description of the first difference beyond ``tol``, or None."""
+        a, b = np.asarray(self.spacing), np.asarray(other.spacing)
+        if not np.allclose(a, b, rtol=tol, atol=0):
+            return f"spacing {_fmt(self.spacing)} vs {_fmt(other.spacing)}"
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=max(tol, tol * float(a.max()))):
+            return f"origin {_fmt(self.origin)} vs {_fmt(other.origin)}"
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tol):
+            return f"direction {_fmt(self.direction)} vs {_fmt(other.direction)}"
+        return None
+
+    def to_json(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Geometry:
+        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def _geometry_of(image, path) -> Geometry:
+    dim = image.GetDimension()
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    try:
+        return Geometry(spacing[:3], origin[:3], tuple(direction[:3, :3].ravel()))
+    except ValueError as e:
+        raise ImageReadError(f"{path}: bad geometry in header: {e}") from None
+
+
+def _read_sitk(path: Path):
+    sitk = _sitk()
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        try:
+            series = reader.GetGDCMSeriesIDs(str(path))
+        except RuntimeError:
+            series = ()
+        if not series:
+            raise ImageReadError(f"{path}: folder holds no DICOM series")
+        if len(series) > 1:
+            raise ImageReadError(
+                f"{path}: folder holds {len(series)} DICOM series ({', '.join(series[:3])}); give one series a folder"
+            )
+        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+        if len(files) < 2:
+            raise ImageReadError(f"{path}: DICOM series has {len(files)} slice; a volume needs at least 2")
+        reader.SetFileNames(files)
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            raise ImageReadError(f"{path}: unreadable DICOM series: {_first_line(e)}") from None
+    if not path.exists():
+        raise ImageReadError(f"{path}: no such file")
+    if not split_ending(path)[1]:
+        raise ImageReadError(f"{path}: unknown file type; use one of {', '.join(FILE_ENDINGS)} or a DICOM folder")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _verify_nifti(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise ImageReadError(f"{path}: unreadable or truncated: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    # SimpleITK errors are multi-line C++ traces; keep the informative part of the last line.
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    msg = lines[-1]
+    for ln in lines:
+        if "Description:" in ln:
+            msg = ln.split("Description:", 1)[1].strip()
+            break
+        if "ITK ERROR:" in ln:  # "ITK ERROR: MetaImageIO(0x..): File cannot be read: ..."
+            msg = ln.split("):", 1)[-1].strip()
+            break
+    return msg[:200]
+
+
+def _verify_nifti(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says.
+
+    ITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros, so we
+    compare the header's data size with the file size (``.nii``) or with the uncompressed size
+    that gzip records in its last four bytes (``.nii.gz`` below 4 GiB).
+    """
+    import gzip
+    import struct
+
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(544)
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                actual = struct.unpack("<I", f.read(4))[0]
+            compressed = True
+        else:
+            with open(path, "rb") as f:
+                head = f.read(544)
+            actual, compressed = path.stat().st_size, None
+    except (OSError, EOFError) as e:
+        raise ImageReadError(f"{path}: unreadable or truncated: {e}") from None
+    if len(head) < 348:
+        raise ImageReadError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
+    for end in "<>":
+        size = struct.unpack(end + "i", head[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        raise ImageReadError(f"{path}: not a NIfTI file (bad header size)")
+    if size == 348:
+        dim = struct.unpack(end + "8h", head[40:56])
+        bitpix = struct.unpack(end + "h", head[72:74])[0]
+        offset = int(struct.unpack(end + "f", head[108:112])[0])
+    else:
+        if len(head) < 540:
+            raise ImageReadError(f"{path}: truncated NIfTI-2 header")
+        bitpix = struct.unpack(end + "h", head[14:16])[0]
+        dim = struct.unpack(end + "8q", head[16:80])
+        offset = struct.unpack(end + "q", head[168:176])[0]
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0:
+        raise ImageReadError(f"{path}: corrupt NIfTI header (dim[0]={ndim}, bitpix={bitpix})")
+    expected = max(offset, size) + int(np.prod([max(int(d), 1) for d in dim[1 : ndim + 1]])) * bitpix // 8
+    if compressed is not None and actual != expected % 2**32:
+        # the gzip trailer disagrees (a cut file ends in arbitrary bytes): decompress to be sure
+        try:
+            actual = 0
+            with gzip.open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    actual += len(chunk)
+        except (OSError, EOFError) as e:
+            raise ImageReadError(f"{path}: truncated or corrupt gzip stream: {e}") from None
+    if actual < expected:
+        raise ImageReadError(f"{path}: truncated: header needs {expected} bytes of data, the file holds {actual}")
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
+    """Read one volume (file or DICOM folder) as ``(array_zyx, geometry)``.
+
+    A 4D file (e.g. an MSD multi-modal NIfTI) comes back as ``(c, z, y, x)``; a multi-component
+    (vector) image likewise. 2D images are refused.
+    """
+    sitk = _sitk()
+    path = Path(path)
+    image = _read_sitk(path)
+    dim = image.GetDimension()
+    if dim not in (3, 4):
+        raise ImageReadError(f"{path}: is {dim}D; a 3D volume (or 4D multi-channel) is needed")
+    geometry = _geometry_of(image, path)
+    try:
+        array = sitk.GetArrayFromImage(image)
+    except RuntimeError as e:
+        raise ImageReadError(f"{path}: unreadable pixel data: {_first_line(e)}") from None
+    if image.GetNumberOfComponentsPerPixel() > 1:  # vector pixels: (z, y, x, c) -> (c, z, y, x)
+        if dim != 3:
+            raise ImageReadError(f"{path}: 4D image with vector pixels is not supported")
+        array = np.moveaxis(array, -1, 0)
+    return array, geometry
+
+
+def read_case(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, Geometry]:
+    """Read the channel files of one case into ``(c, z, y, x)``; all channels must share one grid."""
+    arrays, geometry = [], None
+    for p in paths:
+        array, g = read_image(p)
+        if array.ndim == 4:
+            raise ImageReadError(f"{p}: is 4D; channel files must be 3D (convert 4D files first)")
+        if geometry is None:
+            geometry, shape0 = g, array.shape
+        else:
+            if array.shape != shape0:
+                raise ImageReadError(f"{p}: shape {array.shape} differs from the first channel's {shape0}")
+            why = geometry.mismatch(g)
+            if why:
+                raise ImageReadError(f"{p}: geometry differs from the first channel: {why}")
+        arrays.append(array)
+    if not arrays:
+        raise ImageReadError("no channel files given")
+    return np.stack(arrays), geometry
+
+
+_WRITABLE = {
+    np.dtype(t)
+    for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "uint64", "float32", "float64")
+}
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a 3D ``(z, y, x)`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
+    sitk = _sitk()
+    path = Path(path)
+    stem, ending = split_ending(path)
+    if not ending:
+        raise ImageWriteError(f"{path}: unknown file type; use one of {', '.join(FILE_ENDINGS)}")
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ImageWriteError(f"{path}: can only write 3D volumes, got shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.dtype not in _WRITABLE:
+        raise ImageWriteError(f"{path}: cannot write dtype {array.dtype}")
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if ending in (".mhd", ".nhdr"):  # header + separate data file: the pair cannot be renamed atomically
+        try:
+            sitk.WriteImage(image, str(path), compress)
+        except RuntimeError as e:
+            raise ImageWriteError(f"{path}: {_first_line(e)}") from None
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(stem).name}.", suffix=f".partial{ending}", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        os.replace(tmp, path)
+    except RuntimeError as e:
+        raise ImageWriteError(f"{path}: {_first_line(e)}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,60 @@
+"""Atomic JSON files and atomic numpy arrays."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
+    text = json.dumps(obj, indent=2, default=_default) + "\n"
+    return _atomic(Path(path), lambda f: f.write(text.encode()))
+
+
+def write_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """``np.save`` to ``path`` atomically (the file can later be memory-mapped)."""
+    return _atomic(Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """Read a JSON file; a missing or malformed file is a one-line ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def _default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
