@@ -122,9 +122,9 @@ def check_dataset(root: str | os.PathLike, workers: int = 1, progress: bool = Fa
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             it = pool.map(_check_case, *zip(*jobs, strict=True), chunksize=4)
-            results = list(_progress(it, len(jobs), progress))
+            results = list(with_progress(it, len(jobs), progress))
     else:
-        results = [_check_case(*j) for j in _progress(jobs, len(jobs), progress)]
+        results = [_check_case(*j) for j in with_progress(jobs, len(jobs), progress)]
     for r in results:
         problems += r
     return problems
@@ -157,9 +157,10 @@ def _extra_files(root: Path, ds: Dataset) -> list[Problem]:
     return out
 
 
-def _progress(it, total: int, enabled: bool):
+def with_progress(it, total: int, enabled: bool, desc: str = "check"):
+    """``it`` with a tqdm bar over cases when ``enabled``."""
     if not enabled:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, total=total, desc="check", unit="case")
+    return tqdm(it, total=total, desc=desc, unit="case")

@@ -22,12 +22,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..io import read_image, read_json, write_image
+from ..io.jsonio import atomic_write
 from .layout import fixed_split, kfold_splits, write_dataset_json, write_splits
 
 BTCV_LABELS = {
@@ -48,15 +48,9 @@ LUNG_TEST = [f"lung_{i:03d}" for i in (1, 3, 25, 27, 44, 46, 48, 58, 62, 70, 81,
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Copy byte for byte via a temporary file and a rename."""
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
 
 def _need(path: Path) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import read_case, read_image, read_json, write_json
+from .check import with_progress as _progress
 from .layout import Case, Dataset
 from .resample import ANISOTROPY_THRESHOLD, nonzero_bbox
 
@@ -214,10 +215,3 @@ def load_plans(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a unetrpp plans file (missing {', '.join(missing)})")
     return plans
 
-
-def _progress(it, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="case")

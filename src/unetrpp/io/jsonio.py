@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -29,12 +30,12 @@ def _atomic(path: Path, write) -> Path:
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
     text = json.dumps(obj, indent=2, default=_default) + "\n"
-    return _atomic(Path(path), lambda f: f.write(text.encode()))
+    return atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
     """``np.save`` to ``path`` atomically (the file can later be memory-mapped)."""
-    return _atomic(Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
+    return atomic_write(Path(path), lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def read_json(path: str | os.PathLike) -> dict:
