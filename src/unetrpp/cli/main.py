@@ -6,9 +6,24 @@ import argparse
 import sys
 
 from .. import __version__
-from . import check, convert, convert_weights, info, phantom, plan, preprocess
+from . import (
+    check,
+    convert,
+    convert_weights,
+    demo,
+    evaluate,
+    export,
+    info,
+    overlay,
+    phantom,
+    plan,
+    predict,
+    preprocess,
+    train,
+)
 
-COMMANDS = (info, convert_weights, convert, check, plan, preprocess, phantom)
+COMMANDS = (demo, info, convert_weights, convert, check, plan, preprocess, phantom, train, predict, evaluate, overlay,
+            export)
 
 
 def build_parser() -> argparse.ArgumentParser:

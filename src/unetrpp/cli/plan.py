@@ -13,6 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", help="take patch size, strides and batch size from this network preset")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"),
                    help="patch size (default: the preset's, else chosen from the median shape)")
+    p.add_argument("--spacing", nargs=3, type=float, metavar=("Z", "Y", "X"),
+                   help="target spacing in mm (default: the median, with nnU-Net's anisotropy rule)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the preset's, else 2)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.set_defaults(run=run)
@@ -34,7 +36,7 @@ def run(args) -> int:
         patch = patch or tuple(config.img_size)
         batch = args.batch_size or preset.batch_size
     plans = plan_dataset(args.dataset, patch_size=patch, divisor=divisor, batch_size=batch, preset=args.preset,
-                         workers=args.workers, progress=sys.stderr.isatty())
+                         workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)
     load_splits(args.dataset)
     norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans["normalization"])
     print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans['target_spacing'])} mm (z, y, x), "

@@ -132,12 +132,18 @@ def make_plans(
     batch_size: int = 2,
     preset: str | None = None,
     max_patch_voxels: int = DEFAULT_PATCH_VOXELS,
+    target_spacing: Sequence[float] | None = None,
 ) -> dict:
     cases = fingerprint["cases"]
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     cropped = np.array([c["shape_after_crop"] for c in cases], dtype=np.float64)
     full = np.array([c["shape"] for c in cases], dtype=np.float64)
-    target = target_spacing_for(spacings, cropped)
+    if target_spacing is not None:
+        target = [float(v) for v in target_spacing]
+        if len(target) != 3 or not all(v > 0 for v in target):
+            raise ValueError(f"target spacing must be 3 positive numbers (z, y, x) in mm, got {target_spacing}")
+    else:
+        target = target_spacing_for(spacings, cropped)
     resampled = cropped * spacings / np.asarray(target)
     median_shape = [float(v) for v in np.median(resampled, axis=0)]
     if patch_size is None:
@@ -194,11 +200,13 @@ def plan_dataset(
     preset: str | None = None,
     workers: int = 1,
     progress: bool = False,
+    target_spacing: Sequence[float] | None = None,
 ) -> dict:
     """Fingerprint + plans, written to ``ROOT/fingerprint.json`` and ``ROOT/plans.json``."""
     ds = Dataset.open(root)
     fp = compute_fingerprint(ds, workers=workers, progress=progress)
-    plans = make_plans(ds, fp, patch_size=patch_size, divisor=divisor, batch_size=batch_size, preset=preset)
+    plans = make_plans(ds, fp, patch_size=patch_size, divisor=divisor, batch_size=batch_size, preset=preset,
+                       target_spacing=target_spacing)
     write_json(fp, Path(root) / "fingerprint.json")
     write_json(plans, Path(root) / "plans.json")
     return plans

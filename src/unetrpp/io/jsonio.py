@@ -28,8 +28,8 @@ def atomic_write(path: Path, write) -> Path:
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename."""
-    text = json.dumps(obj, indent=2, default=_default) + "\n"
+    """Write ``obj`` as indented JSON to ``path`` via a temporary file and a rename (NaN and inf become null)."""
+    text = json.dumps(finite(obj), indent=2, default=_default, allow_nan=False) + "\n"
     return atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
@@ -47,6 +47,17 @@ def read_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (standard JSON has neither)."""
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def _default(o):

@@ -1,0 +1,130 @@
+"""``unetrpp predict``: segment a file, a DICOM series or a folder of cases with a checkpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict", help="segment volumes with a trained checkpoint",
+        description="Preprocess each input as in training, run a Gaussian-weighted sliding window (with mirroring "
+                    "unless --no-tta), undo the preprocessing and write the label map with the input's spacing, "
+                    "origin and direction in the input's format (NIfTI for DICOM input). A folder input is a set "
+                    "of cases; channel files CASE_0000, CASE_0001, ... are grouped by case.")
+    p.add_argument("-i", "--input", required=True, help="image file, DICOM folder, or folder of cases")
+    p.add_argument("-o", "--output", required=True, help="output file (single input) or folder")
+    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by `unetrpp train`")
+    p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--batch", type=int, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
+    p.add_argument("--preview", action="store_true", help="also write CASE.png: three slices with the labels")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    p.set_defaults(run=run)
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    from ..io import FILE_ENDINGS, split_ending
+
+    files = [f for f in path.iterdir() if f.is_file() and not f.name.startswith(".")]
+    return bool(files) and not any(split_ending(f)[1] in FILE_ENDINGS for f in files)
+
+
+def find_cases(path: Path, channels: int) -> list[tuple[str, list[Path], str]]:
+    """``(case, channel files, ending)`` for a file, a DICOM folder or a folder of cases."""
+    from ..io import FILE_ENDINGS, split_ending
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        stem, ending = split_ending(path.name)
+        m = _CHANNEL.match(stem)
+        return [(m.group("case") if m and channels == 1 else stem, [path], ending)]
+    if _is_dicom_dir(path):
+        return [(path.name, [path], ".nii.gz")]
+    groups: dict[str, dict[int, Path]] = {}
+    endings: dict[str, str] = {}
+    subdirs = []
+    for f in sorted(path.iterdir()):
+        if f.name.startswith("."):
+            continue
+        if f.is_dir():
+            subdirs.append(f)
+            continue
+        stem, ending = split_ending(f.name)
+        if ending not in FILE_ENDINGS:
+            continue
+        m = _CHANNEL.match(stem)
+        case, ch = (m.group("case"), int(m.group("ch"))) if m else (stem, 0)
+        if not m and channels > 1:
+            raise ValueError(f"{f}: the model takes {channels} channels; name the files CASE_0000{ending}, "
+                             f"CASE_0001{ending}, ...")
+        groups.setdefault(case, {})[ch] = f
+        endings[case] = ending
+    cases = []
+    for case, chans in groups.items():
+        if sorted(chans) != list(range(channels)):
+            raise ValueError(f"{path}: case {case} has channels {sorted(chans)}, the model takes 0..{channels - 1}")
+        cases.append((case, [chans[c] for c in range(channels)], endings[case]))
+    cases += [(d.name, [d], ".nii.gz") for d in subdirs if _is_dicom_dir(d)]
+    if not cases:
+        raise ValueError(f"{path}: no images found ({', '.join(FILE_ENDINGS)} files or DICOM series)")
+    return cases
+
+
+def run(args) -> int:
+    import sys
+    import time
+
+    import numpy as np
+
+    from ..inference.predictor import Predictor
+    from ..io import FILE_ENDINGS, read_case, split_ending, write_image
+    from ..io.jsonio import atomic_write
+
+    predictor = Predictor.from_checkpoint(args.model, device=args.device, step=args.step, tta=not args.no_tta,
+                                          batch=args.batch, progress=sys.stderr.isatty())
+    inp, out = Path(args.input), Path(args.output)
+    cases = find_cases(inp, predictor.num_channels)
+    single_file_out = split_ending(out.name)[1] in FILE_ENDINGS
+    if single_file_out and len(cases) > 1:
+        raise ValueError(f"{out}: {len(cases)} cases to write; give an output folder")
+    targets = [(c, files, out if single_file_out else out / f"{c}{ending}") for c, files, ending in cases]
+    todo = [t for t in targets if args.overwrite or not t[2].exists()]
+    names = {v: k for k, v in predictor.labels.items()}
+    bar = None
+    if sys.stderr.isatty() and len(todo) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="predict", unit="case")
+    t0 = time.perf_counter()
+    for case, files, target in todo:
+        result = predictor.predict(files, return_probabilities=args.save_probabilities)
+        write_image(result.label, result.geometry, target)
+        stem = split_ending(target.name)[0]
+        if args.save_probabilities:
+            def save(f, probs=result.probabilities):
+                np.savez_compressed(f, probabilities=probs.astype(np.float16),
+                                    classes=np.array([names.get(i, str(i)) for i in range(probs.shape[0])]))
+            atomic_write(target.with_name(f"{stem}.npz"), save)
+        if args.preview:
+            from ..viz import write_overlay
+
+            image = read_case(files)[0][0]
+            write_overlay(image, result.label, result.geometry.spacing_zyx, target.with_name(f"{stem}.png"),
+                          names, title=case)
+        if bar:
+            bar.update()
+        else:
+            print(f"{case}: wrote {target}", flush=True)
+    if bar:
+        bar.close()
+    skipped = len(targets) - len(todo)
+    print(f"predicted {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s"
+          + (f", skipped {skipped} with existing output (--overwrite to redo)" if skipped else ""))
+    return 0

@@ -1,0 +1,174 @@
+"""Whole-case prediction from a checkpoint: preprocess like training, slide, undo, keep the geometry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import build_model, load_checkpoint
+from ..data.preprocess import _undo_args, preprocess_array
+from ..data.resample import resample_volume
+from ..io import Geometry, read_case
+from .sliding_window import MIRROR_AXES, sliding_window_probabilities
+
+
+@dataclass
+class Prediction:
+    """A label map on the input's grid, its geometry and, if asked for, the class probabilities."""
+
+    label: np.ndarray  # (z, y, x), uint8 (int16 beyond 255 classes)
+    geometry: Geometry
+    probabilities: np.ndarray | None = None  # (k, z, y, x) float32 on the input's grid
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (this torch build or machine has none)")
+    return device
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str:
+    if amp in (None, "auto"):
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return amp
+
+
+def restore_label_from_probabilities(probs: torch.Tensor | np.ndarray, props: dict) -> np.ndarray:
+    """Arg-max of the probabilities after resampling them to the original grid, one class at a time.
+
+    Equivalent to resampling all ``k`` channels (linear, the low-resolution axis nearest) then taking
+    the arg-max, but holds only two crop-sized float32 volumes, not ``k``.
+    """
+    crop_shape, axis, region = _undo_args(props)
+    probs = probs if isinstance(probs, np.ndarray) else probs.detach().cpu().numpy()
+    if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
+        raise ValueError(f"probability shape {probs.shape[1:]} is not the preprocessed shape "
+                         f"{props['shape_after_resampling']}")
+    k = probs.shape[0]
+    dtype = np.uint8 if k <= 256 else np.int16
+    best = np.full(crop_shape, -1.0, dtype=np.float32)
+    arg = np.zeros(crop_shape, dtype=dtype)
+    for c in range(k):
+        p = probs[c]
+        m = resample_volume(np.ascontiguousarray(p, dtype=np.float32), crop_shape, 1, axis) \
+            if p.shape != tuple(crop_shape) else p
+        better = m > best
+        best[better] = m[better]
+        arg[better] = c
+    out = np.zeros(props["shape"], dtype=dtype)
+    out[region] = arg
+    return out
+
+
+class Predictor:
+    """Segments volumes with a trained network; needs only the checkpoint.
+
+    Examples:
+        >>> from unetrpp.inference import Predictor                    # doctest: +SKIP
+        >>> pred = Predictor.from_checkpoint("run/checkpoint_final.pt")  # doctest: +SKIP
+        >>> result = pred.predict("ct.nii.gz")                         # doctest: +SKIP
+        >>> result.label.shape, result.geometry.spacing_zyx            # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plans: dict,
+        labels: dict[str, int] | None = None,
+        device: str | torch.device | None = "auto",
+        step: float = 0.5,
+        tta: bool = True,
+        batch: int | None = None,
+        amp: str | None = "auto",
+        progress: bool = False,
+    ):
+        self.device = resolve_device(device)
+        self.amp = resolve_amp(amp, self.device)
+        self.model = model.to(self.device).eval()
+        self.plans = plans
+        self.labels = labels or plans.get("labels") or {}
+        self.step = float(step)
+        self.tta = tta
+        self.batch = batch or (4 if self.device.type == "cuda" else 2)
+        self.progress = progress
+        self.patch_size = tuple(int(p) for p in model.config.img_size)
+        self.num_classes = int(model.config.out_channels)
+        self.num_channels = int(model.config.in_channels)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
+                        **kwargs) -> Predictor:
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, source=str(path))
+        return cls(model, ckpt["plans"], ckpt.get("labels"), device=device, **kwargs)
+
+    # ------------------------------------------------------------------ core
+    def _network(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def probabilities_preprocessed(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Softmax ``(k, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (float32, on the accumulation device)."""
+        if data.shape[0] != self.num_channels:
+            raise ValueError(f"the network takes {self.num_channels} channel(s), the image has {data.shape[0]}")
+        ds = getattr(self.model, "deep_supervision", False)
+        if ds:
+            self.model.deep_supervision = False
+        try:
+            return sliding_window_probabilities(
+                self._network, torch.from_numpy(np.array(data, dtype=np.float32)), self.patch_size,
+                self.num_classes, step=self.step, mirror_axes=MIRROR_AXES if self.tta else (),
+                batch=self.batch, device=self.device, amp=self.amp, progress=self.progress,
+            )
+        finally:
+            if ds:
+                self.model.deep_supervision = True
+
+    def predict_preprocessed(self, data: np.ndarray, props: dict, return_probabilities: bool = False) -> Prediction:
+        """Predict a case already preprocessed (``props`` as written by preprocessing) onto its original grid."""
+        probs = self.probabilities_preprocessed(data)
+        label = restore_label_from_probabilities(probs, props)
+        full = None
+        if return_probabilities:
+            from ..data.preprocess import restore_probabilities
+
+            full = restore_probabilities(probs.cpu().numpy(), props)
+        return Prediction(label, Geometry.from_json(props["geometry"]), full)
+
+    def predict(
+        self,
+        image: str | os.PathLike | Sequence[str | os.PathLike] | np.ndarray,
+        spacing: Sequence[float] | None = None,
+        geometry: Geometry | None = None,
+        return_probabilities: bool = False,
+    ) -> Prediction:
+        """Segment a file, a DICOM folder, a list of channel files, or an array.
+
+        Args:
+            image: a path, a list of channel paths, or an array ``(z, y, x)`` / ``(c, z, y, x)``.
+            spacing: voxel spacing (z, y, x) in mm of an array input (or give ``geometry``).
+            geometry: full geometry of an array input.
+        """
+        if isinstance(image, np.ndarray):
+            if geometry is None:
+                if spacing is None:
+                    raise ValueError("an array input needs its voxel spacing (spacing=(z, y, x) in mm) or geometry")
+                geometry = Geometry.identity(spacing)
+            data = image[None] if image.ndim == 3 else image
+        else:
+            paths = [image] if isinstance(image, (str, os.PathLike)) else list(image)
+            data, geometry = read_case([Path(p) for p in paths])
+        if data.shape[0] != self.num_channels:
+            raise ValueError(f"the network takes {self.num_channels} channel(s), the input has {data.shape[0]}")
+        pre, _, props = preprocess_array(data, geometry, self.plans)
+        return self.predict_preprocessed(pre, props, return_probabilities)

@@ -1,0 +1,49 @@
+"""``progress.png``: loss and pseudo-Dice curves of a run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from ..io.jsonio import atomic_write
+
+
+def plot_progress(history: list[dict], path: str | os.PathLike) -> Path:
+    """Two panels against the epoch: train/validation loss; pseudo-Dice, its EMA and each class (thin)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    ax_l.plot(epochs, [h["train_loss"] for h in history], label="train loss", color="tab:blue")
+    ax_l.plot(epochs, [h["val_loss"] for h in history], label="validation loss", color="tab:red")
+    ax_l.set_xlabel("epoch")
+    ax_l.set_ylabel("Dice + CE loss (deep supervision)")
+    ax_l.legend()
+    ax_l.grid(alpha=0.3)
+    for key in history[0]:
+        if key.startswith("dice_"):
+            values = [h[key] for h in history]
+            if not all(isinstance(v, float) and math.isnan(v) for v in values):
+                ax_d.plot(epochs, values, lw=0.7, alpha=0.5, label=key[5:])
+    ax_d.plot(epochs, [h["pseudo_dice"] for h in history], color="black", lw=1.5, label="mean")
+    ax_d.plot(epochs, [h["ema_dice"] for h in history], color="tab:green", lw=2, label="EMA (best checkpoint)")
+    ax_d.set_xlabel("epoch")
+    ax_d.set_ylabel("pseudo-Dice (validation patches)")
+    ax_d.set_ylim(0, 1)
+    ax_d.grid(alpha=0.3)
+    ax_d.legend(fontsize=7, ncol=2, loc="lower right")
+    buf = _png(fig)
+    plt.close(fig)
+    return atomic_write(Path(path), lambda f: f.write(buf))
+
+
+def _png(fig) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    fig.savefig(b, format="png", dpi=100)
+    return b.getvalue()

@@ -1,0 +1,451 @@
+"""The training loop: the official recipe, resumable, observable, on one or several processes.
+
+A run lives in one folder (default ``DATASET/results/PRESET_foldF``)::
+
+    train_config.json      the TrainConfig, plans.json  the plans it trained with
+    log.txt                everything printed, progress.csv  one row per epoch
+    progress.png           loss and pseudo-Dice curves
+    checkpoint_latest.pt   after every epoch     checkpoint_best.pt  best EMA pseudo-Dice
+    checkpoint_final.pt    after the last epoch  validation/         full-case predictions + summary.json
+
+Exact resume: every random stream of an epoch (patch draws and augmentation in each worker,
+dropout) is seeded from ``(seed, rank, epoch)``, and the checkpoint holds the model, optimizer,
+scaler, epoch, EMA, history and RNG states; a run killed at any point and resumed from
+``checkpoint_latest.pt`` repeats the interrupted epoch exactly as it would have run.
+
+Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+DistributedDataParallel (NCCL on CUDA, gloo on CPU), the batch is split over the processes, each
+draws its own patches, validation counts are summed, and rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..data.layout import Dataset, load_splits
+from ..data.plan import load_plans, plans_id
+from ..data.preprocess import load_case
+from ..inference.sliding_window import autocast_for
+from ..io import read_json, write_image, write_json
+from ..io.jsonio import atomic_write
+from ..network.presets import get_preset
+from ..network.unetrpp import UNETRPP, UNETRPPConfig
+from .augment import AugmentConfig, dummy_2d_for
+from .config import TrainConfig
+from .loader import BatchStream, batch_loader
+from .loss import DeepSupervisionLoss, DiceCELoss
+from .sampler import PatchSampler
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2**63))
+
+
+def split_batch(batch: int, world: int) -> list[int]:
+    """The global batch split over ``world`` processes as evenly as possible (nnU-Net v2's rule)."""
+    if batch < world:
+        raise ValueError(f"batch size {batch} is smaller than the number of processes ({world})")
+    return [batch // world + (1 if r < batch % world else 0) for r in range(world)]
+
+
+def poly_lr(base: float, progress: float, exponent: float) -> float:
+    """``base * (1 - progress) ** exponent`` with progress clipped to [0, 1]."""
+    return base * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
+
+
+class Trainer:
+    """Trains UNETR++ on a planned, preprocessed dataset; see the module docstring for the run folder."""
+
+    def __init__(self, dataset: str | os.PathLike, config: TrainConfig, out_dir: str | os.PathLike | None = None,
+                 progress: bool | None = None, echo: bool = True):
+        self.cfg = config
+        self.root = Path(dataset)
+        self.rank, self.world, self.local_rank = _dist_env()
+        self.is_main = self.rank == 0
+        self.echo = echo and self.is_main
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
+        self.ds = Dataset.open(self.root)
+        plans_path = self.root / "plans.json"
+        if not plans_path.exists():
+            raise FileNotFoundError(f"{plans_path}: no plans; run `unetrpp plan {self.root}` first")
+        self.plans = load_plans(plans_path)
+        self.pre_dir = self.root / "preprocessed"
+        self._check_preprocessed()
+        self.preset = get_preset(config.preset)
+        fold = config.fold
+        if fold == "all":
+            names = sorted(c.name for c in self.ds.training_cases())
+            self.train_names, self.val_names = names, names
+        else:
+            splits = load_splits(self.root)
+            if not 0 <= fold < len(splits):
+                raise ValueError(f"{self.root / 'splits.json'}: fold {fold} does not exist ({len(splits)} folds)")
+            self.train_names, self.val_names = splits[fold]["train"], splits[fold]["val"]
+        if not self.val_names:
+            self.val_names = self.train_names
+        self.out = Path(out_dir) if out_dir else self.root / "results" / f"{config.preset}_fold{fold}"
+        self.patch = [int(p) for p in (config.patch_size or self.plans["patch_size"])]
+        self.global_batch = int(config.batch_size or self.plans.get("batch_size") or self.preset.batch_size)
+        self.batch = split_batch(self.global_batch, self.world)[self.rank]
+        self.device = self._device()
+        self.model_config = self.preset.config(
+            img_size=self.patch, in_channels=len(self.plans["channel_names"]),
+            out_channels=int(self.plans["num_classes"]), **config.model_overrides,
+        ).to_dict()
+        self.num_classes = self.model_config["out_channels"]
+        deepest = math.prod(UNETRPPConfig.from_dict(self.model_config).stage_shapes[3])
+        if self.batch * deepest < 2:
+            raise ValueError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
+                             "deepest stage, where batch norm needs two; use a larger patch or batch")
+        classes = config.online_eval_classes
+        if classes is None and self.preset.eval_classes is not None:
+            classes = [c for c in self.preset.eval_classes if c < self.num_classes]
+        self.eval_classes = list(classes) if classes else list(range(1, self.num_classes))
+        bd = config.batch_dice if config.batch_dice is not None else self.preset.batch_dice
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
+        self.augment = config.augment_config(dummy_2d_for(self.patch))
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+        self._log_file = None
+
+    # ------------------------------------------------------------------ setup
+    def _check_preprocessed(self) -> None:
+        marker = self.pre_dir / "plans.json"
+        if not marker.exists():
+            raise FileNotFoundError(f"{self.pre_dir}: not preprocessed; run `unetrpp preprocess {self.root}`")
+        if plans_id(read_json(marker)) != plans_id(self.plans):
+            raise ValueError(f"{self.pre_dir}: preprocessed with other plans; rerun `unetrpp preprocess {self.root}`")
+
+    def _device(self) -> torch.device:
+        want = self.cfg.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda: no CUDA device is available")
+            return torch.device("cuda", self.local_rank if self.world > 1 else torch.device(want).index or 0)
+        if want != "cpu":
+            raise ValueError(f"device must be cpu, cuda or auto, got {want!r}")
+        return torch.device("cpu")
+
+    def log(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        if self._log_file is not None:
+            self._log_file.write(line + "\n")
+            self._log_file.flush()
+        if self.echo:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ checkpoint payloads
+    def _payload(self, model, optimizer, scaler, epoch: int, state: dict, full: bool = True) -> dict:
+        module = model.module if hasattr(model, "module") else model
+        payload = {
+            "model_config": self.model_config,
+            "plans": self.plans,
+            "labels": self.ds.labels,
+            "channel_names": self.ds.channel_names,
+            "file_ending": self.ds.file_ending,
+            "train_config": self.cfg.to_json(),
+            "epoch": epoch,
+            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            **{k: state[k] for k in ("ema", "best_ema", "history", "elapsed")},
+        }
+        if full:
+            payload["optimizer"] = optimizer.state_dict()
+            payload["scaler"] = scaler.state_dict() if scaler.is_enabled() else {}
+            payload["rng"] = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+        return payload
+
+    def _save(self, name: str, payload: dict) -> None:
+        if self.is_main:
+            save_checkpoint(payload, self.out / name)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, resume: bool = False) -> dict:
+        """Train (or continue), then validate whole cases; returns the final summary."""
+        if self.world > 1 and not dist.is_initialized():
+            # long enough for rank 0's final validation while the others wait at the barrier
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        latest = self.out / "checkpoint_latest.pt"
+        if not resume and latest.exists():
+            raise ValueError(f"{self.out}: a run is already there; pass --resume to continue it or choose another "
+                             "output folder")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.out / "log.txt", "a")  # noqa: SIM115 (closed in finally)
+        try:
+            return self._run(resume, latest)
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+    def _run(self, resume: bool, latest: Path) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = self.build_model().to(self.device)
+        if cfg.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        state = {"ema": None, "best_ema": None, "history": [], "elapsed": 0.0}
+        start_epoch = 0
+        if resume and latest.exists():
+            ckpt = load_checkpoint(latest, map_location="cpu")
+            saved = TrainConfig.from_json(ckpt["train_config"])
+            if saved.preset != cfg.preset or saved.fold != cfg.fold or ckpt["model_config"] != self.model_config:
+                raise ValueError(f"{latest}: was trained with another preset, fold or network; cannot resume")
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            state = {k: ckpt[k] for k in ("ema", "best_ema", "history", "elapsed")}
+            start_epoch = int(ckpt["epoch"])
+            self.log(f"resumed from {latest} at epoch {start_epoch}")
+        elif resume:
+            self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
+        if self.is_main:
+            write_json(cfg.to_json(), self.out / "train_config.json")
+            write_json(self.plans, self.out / "plans.json")
+        train_model = model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"training {cfg.preset} fold {cfg.fold} on {self.device} x{self.world}: {len(self.train_names)} "
+                 f"train / {len(self.val_names)} val cases, patch {self.patch}, batch {self.global_batch}, "
+                 f"{n_params / 1e6:.2f} M parameters, amp {cfg.amp}, epochs {cfg.epochs} x {cfg.iters_per_epoch}"
+                 + (f", time budget {cfg.time_budget_min:g} min" if cfg.time_budget_min else ""))
+
+        epoch = start_epoch
+        t_process = time.perf_counter()
+        elapsed0 = float(state["elapsed"])
+        while epoch < cfg.epochs:
+            elapsed = elapsed0 + time.perf_counter() - t_process
+            if self._out_of_time(elapsed, state["history"]):
+                self.log(f"time budget reached after {elapsed / 60:.1f} min: stopping before epoch {epoch}")
+                break
+            t0 = time.perf_counter()
+            lr = self.lr_at(epoch, elapsed)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            train_loss = self._train_epoch(train_model, optimizer, scaler, epoch)
+            val_loss, dice = self._validate_epoch(model, epoch)
+            mean = float(np.nanmean([dice[c] for c in self.eval_classes])) if any(
+                not math.isnan(dice[c]) for c in self.eval_classes) else math.nan
+            if not math.isnan(mean):
+                a = cfg.ema_alpha
+                state["ema"] = mean if state["ema"] is None else a * state["ema"] + (1 - a) * mean
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "pseudo_dice": mean,
+                   "ema_dice": state["ema"] if state["ema"] is not None else math.nan, "lr": lr,
+                   "epoch_time_s": time.perf_counter() - t0}
+            row.update({f"dice_{self._class_name(c)}": dice[c] for c in range(1, self.num_classes)})
+            epoch += 1
+            state["elapsed"] = elapsed0 + time.perf_counter() - t_process
+            row["elapsed_s"] = state["elapsed"]
+            state["history"].append(row)
+            improved = state["ema"] is not None and (state["best_ema"] is None or state["ema"] > state["best_ema"])
+            if improved:
+                state["best_ema"] = state["ema"]
+            payload = self._payload(model, optimizer, scaler, epoch, state)
+            self._save("checkpoint_latest.pt", payload)
+            if improved:
+                self._save("checkpoint_best.pt", self._payload(model, optimizer, scaler, epoch, state, full=False))
+            self._write_progress(state["history"])
+            self.log(f"epoch {epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
+                     f"{mean:.4f} (EMA {row['ema_dice']:.4f}{', best' if improved else ''}), lr {lr:.2e}, "
+                     f"{row['epoch_time_s']:.1f} s")
+        final = self._payload(model, optimizer, scaler, epoch, state)
+        self._save("checkpoint_final.pt", final)
+        self._save("checkpoint_latest.pt", final)
+        self.log(f"training done: {epoch} epoch(s), {state['elapsed'] / 60:.1f} min; wrote {self.out}")
+        summary = {"epochs": epoch, "elapsed_s": state["elapsed"], "best_ema_dice": state["best_ema"]}
+        if cfg.final_validation:
+            summary["validation"] = self.validate_cases(model)
+        if self.world > 1:
+            dist.barrier()
+        return summary
+
+    # ------------------------------------------------------------------ pieces
+    def build_model(self) -> torch.nn.Module:
+        """The network to train (override to train another network with the same loop, e.g. a baseline)."""
+        return UNETRPP(**self.model_config)
+
+    def _class_name(self, c: int) -> str:
+        return {v: k for k, v in self.ds.labels.items()}.get(c, str(c))
+
+    def lr_at(self, epoch: int, elapsed_s: float = 0.0) -> float:
+        progress = epoch / self.cfg.epochs
+        if self.cfg.time_budget_min:
+            progress = max(progress, elapsed_s / (60 * self.cfg.time_budget_min))
+        return poly_lr(self.cfg.lr, progress, self.cfg.poly_exponent)
+
+    def _out_of_time(self, elapsed: float, history: list[dict]) -> bool:
+        budget = self.cfg.time_budget_min
+        stop = False
+        if budget and history:
+            recent = [h["epoch_time_s"] for h in history[-3:]]
+            stop = elapsed + float(np.mean(recent)) > 60 * budget
+        if self.world > 1:  # every process must take the same decision: rank 0's
+            flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    def _seed_epoch(self, epoch: int) -> None:
+        torch.manual_seed(_seed_of(self.cfg.seed, self.rank, epoch))
+
+    def _train_epoch(self, model, optimizer, scaler, epoch: int) -> float:
+        cfg = self.cfg
+        self._seed_epoch(epoch)
+        model.train()
+        stream = BatchStream(seed=[cfg.seed, epoch], rank=self.rank, folder=self.pre_dir, names=self.train_names,
+                             patch_size=self.patch, batch_size=self.batch, augment=self.augment,
+                             oversample_foreground=cfg.oversample_foreground)
+        loader = batch_loader(stream, workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.iters_per_epoch, desc=f"epoch {epoch}", unit="it", leave=False)
+        total = torch.zeros((), dtype=torch.float64)
+        try:
+            for _ in range(cfg.iters_per_epoch):
+                x, y = next(batches)
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast_for(self.device, cfg.amp):
+                    out = model(x)
+                loss = self.loss_fn(out, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"epoch {epoch}: the loss is {loss.item()}; lower the learning rate "
+                                             "or use --amp bf16/off")
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                total += loss.detach().double().cpu()
+                if bar:
+                    bar.update()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+        finally:
+            if bar:
+                bar.close()
+            del batches, loader
+        mean = total / cfg.iters_per_epoch
+        if self.world > 1:
+            mean = mean.to(self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(mean)
+            mean = mean.cpu() / self.world
+        return float(mean)
+
+    @torch.no_grad()
+    def _validate_epoch(self, model, epoch: int) -> tuple[float, dict[int, float]]:
+        """Loss and per-class Dice of the arg-max over ``val_iters`` un-augmented validation batches."""
+        cfg = self.cfg
+        k = self.num_classes
+        counts = torch.zeros(3, k, dtype=torch.float64)  # tp, fp, fn
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        if cfg.val_iters:
+            model.eval()
+            sampler = PatchSampler(self.pre_dir, self.val_names, self.patch, self.batch, AugmentConfig.off(),
+                                   cfg.oversample_foreground, seed=[cfg.seed, 1, self.rank, epoch])
+            for _ in range(cfg.val_iters):
+                xb, yb = sampler.batch()
+                x = torch.from_numpy(xb).to(self.device)
+                y = torch.from_numpy(yb.astype(np.int64)).to(self.device)
+                with autocast_for(self.device, cfg.amp):
+                    out = model(x)
+                loss_sum += self.loss_fn(out, y).double().cpu()
+                pred = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1)
+                for c in range(1, k):
+                    p, g = pred == c, y == c
+                    counts[0, c] += (p & g).sum().item()
+                    counts[1, c] += (p & ~g).sum().item()
+                    counts[2, c] += (~p & g).sum().item()
+        if self.world > 1:
+            packed = torch.cat([counts.flatten(), loss_sum.reshape(1)])
+            packed = packed.to(self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+            counts, loss_sum = packed[:-1].reshape(3, k), packed[-1] / self.world
+        tp, fp, fn = counts
+        dice = {c: (2 * tp[c] / (2 * tp[c] + fp[c] + fn[c])).item() if (tp[c] + fp[c] + fn[c]) > 0 else math.nan
+                for c in range(1, k)}
+        return float(loss_sum / max(cfg.val_iters, 1)), dice
+
+    # ------------------------------------------------------------------ outputs
+    def _write_progress(self, history: list[dict]) -> None:
+        if not self.is_main or not history:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(history[0]))
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        data = buf.getvalue().encode()
+        atomic_write(self.out / "progress.csv", lambda f: f.write(data))
+        from .report import plot_progress
+
+        plot_progress(history, self.out / "progress.png")
+
+    def validate_cases(self, model) -> dict:
+        """Full-case sliding-window prediction of the validation cases, written and scored on the original grid."""
+        from ..evaluation.evaluate import evaluate_pairs, print_table
+        from ..inference.predictor import Predictor
+
+        if not self.is_main:  # rank 0 alone predicts and writes; the others wait at the final barrier
+            return {}
+        out = self.out / "validation"
+        out.mkdir(parents=True, exist_ok=True)
+        predictor = Predictor(model, self.plans, self.ds.labels, device=self.device, tta=self.cfg.final_validation_tta,
+                              amp=self.cfg.amp, progress=self.progress)
+        ending = self.ds.file_ending
+        t0 = time.perf_counter()
+        for name in self.val_names:
+            data, _, _, props = load_case(self.pre_dir, name)
+            result = predictor.predict_preprocessed(data, props)
+            write_image(result.label, result.geometry, out / f"{name}{ending}")
+        pairs = [(name, self.ds.case(name).label, out / f"{name}{ending}") for name in self.val_names]
+        classes = {self._class_name(c): [c] for c in self.eval_classes}
+        summary = evaluate_pairs(pairs, classes, workers=1)
+        summary["seconds"] = time.perf_counter() - t0
+        summary["tta"] = self.cfg.final_validation_tta
+        write_json(summary, out / "summary.json")
+        self.log(f"validation of {len(pairs)} case(s) (sliding window, TTA {'on' if predictor.tta else 'off'}): "
+                 f"mean Dice {summary['mean_dice']:.4f}")
+        self.log(print_table(summary))
+        return summary

@@ -1,0 +1,157 @@
+"""The trainer: exact resume after SIGKILL, atomic checkpoints, two-process gloo, run-folder outputs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unetrpp.checkpoint import load_checkpoint, save_checkpoint
+from unetrpp.data.phantom import make_phantom_dataset
+from unetrpp.data.plan import plan_dataset
+from unetrpp.data.preprocess import preprocess_dataset
+from unetrpp.training.config import TrainConfig
+from unetrpp.training.trainer import Trainer, poly_lr, split_batch
+
+TINY = {"feature_size": 8, "depths": [1, 1, 1, 1], "decoder_depths": [1, 1, 1], "proj_size": [16, 16, 16, 8],
+        "decoder_proj_size": 16}  # fmt: skip
+RUN = textwrap.dedent("""
+    import json, sys
+    from unetrpp.training.config import TrainConfig
+    from unetrpp.training.trainer import Trainer
+    cfg = TrainConfig.from_json(json.loads(sys.argv[1]))
+    Trainer(sys.argv[2], cfg, out_dir=sys.argv[3], progress=False).run(resume=sys.argv[4] == "1")
+""")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom") / "ds"
+    make_phantom_dataset(root, cases=4, seed=5)
+    plan_dataset(root, patch_size=(16, 32, 32))
+    preprocess_dataset(root, workers=1)
+    return root
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(preset="synapse", fold=0, epochs=3, iters_per_epoch=4, val_iters=1, workers=1, device="cpu",
+                model_overrides=TINY, final_validation=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _launch(cfg, dataset, out, resume=False):
+    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(cfg.to_json()), str(dataset), str(out),
+                             "1" if resume else "0"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_poly_lr_and_batch_split():
+    assert poly_lr(1e-2, 0.0, 0.9) == 1e-2
+    assert poly_lr(1e-2, 0.5, 0.9) == pytest.approx(1e-2 * 0.5**0.9)
+    assert poly_lr(1e-2, 1.5, 0.9) == 0.0
+    assert split_batch(5, 2) == [3, 2]
+    with pytest.raises(ValueError, match="smaller than the number of processes"):
+        split_batch(1, 2)
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(dataset, tmp_path):
+    cfg = _config(iters_per_epoch=6)
+    straight = _launch(cfg, dataset, tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stdout.read().decode()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _launch(cfg, dataset, out)
+    latest = out / "checkpoint_latest.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:  # wait for the end of epoch 0 ...
+        if latest.exists() and load_checkpoint(latest)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.3)  # ... and into epoch 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(latest)["epoch"]
+    assert 1 <= killed_at < 3 and not (out / "checkpoint_final.pt").exists()
+
+    resumed = _launch(cfg, dataset, out, resume=True)
+    log = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, log[-2000:]
+    assert f"resumed from {latest} at epoch {killed_at}" in log
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint_final.pt")
+    b = load_checkpoint(out / "checkpoint_final.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k  # bit-identical weights
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    rows = list(csv.DictReader((out / "progress.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_latest.pt"
+    payload = {"model_config": {}, "plans": {}, "state_dict": {"w": torch.ones(3)}, "epoch": 1}
+    save_checkpoint(payload, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({**payload, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pt"]  # no temporary file left
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="not a loadable unetrpp checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_holds_no_code_and_loads_with_weights_only(dataset, tmp_path):
+    summary = Trainer(dataset, _config(epochs=1, iters_per_epoch=1, final_validation=True,
+                                       final_validation_tta=False), out_dir=tmp_path, progress=False,
+                      echo=False).run()
+    ckpt = torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)
+    assert ckpt["model_config"]["feature_size"] == 8 and ckpt["plans"]["patch_size"] == [16, 32, 32]
+    assert set(ckpt) >= {"optimizer", "rng", "train_config", "labels", "history"}
+    assert json.loads((tmp_path / "train_config.json").read_text())["model_overrides"] == TINY
+    assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    val = json.loads((tmp_path / "validation" / "summary.json").read_text())
+    assert len(val["cases"]) == 1 and set(val["mean"]) == {"spleen", "right kidney", "left kidney", "gallbladder",
+                                                           "liver", "stomach", "aorta", "pancreas"}
+    assert summary["validation"]["mean_dice"] == pytest.approx(val["mean_dice"])
+    with pytest.raises(ValueError, match="already there; pass --resume"):
+        Trainer(dataset, _config(epochs=1), out_dir=tmp_path, progress=False, echo=False).run()
+
+
+def test_two_process_gloo_run_trains_and_only_rank0_writes(dataset, tmp_path):
+    # one sample per process: the patch must leave more than one voxel at the deepest stage (batch norm there)
+    cfg = _config(epochs=2, iters_per_epoch=2, batch_size=2, workers=0, final_validation=True,
+                  final_validation_tta=False, patch_size=[32, 64, 64])
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                           json.dumps(cfg.to_json()), str(dataset), str(out), "0"],
+                          env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    log = (out / "log.txt").read_text()
+    assert log.count("training synapse fold 0 on cpu x2") == 1
+    assert log.count("epoch 1:") == 1
+    ckpt = load_checkpoint(out / "checkpoint_final.pt")
+    assert ckpt["epoch"] == 2
+    assert len(list(csv.DictReader((out / "progress.csv").open()))) == 2
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
+    assert (out / "validation" / "summary.json").exists()
