@@ -107,7 +107,7 @@ def main() -> None:
             "hd95_mm_per_class": {k: v["hd95"] for k, v in val["mean"].items()},
             "validation_cases": len(val["cases"]),
             "epochs": summary["epochs"],
-            "iterations": summary["epochs"] * cfg.iters_per_epoch,
+            "iterations": summary["iterations"],
             "train_minutes": summary["elapsed_s"] / 60,
             "wall_minutes_with_validation": (time.perf_counter() - t) / 60,
             "params_M": params / 1e6,

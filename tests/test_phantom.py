@@ -87,3 +87,13 @@ def test_phantom_command_writes_a_checked_dataset(tmp_path, capsys):
     assert g.matches(ref_g, tol=1e-5)
     assert main(["phantom", str(tmp_path / "x"), "--cases", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_contrast_phase_separates_organs_by_enhancement():
+    img, lab, _ = make_phantom_case((7, 0), contrast=True)
+    assert set(np.unique(lab)) == {0, *PHANTOM_ORGANS.values()}
+    means = {v: float(np.mean(img[lab == v])) for v in (1, 2, 3, 6, 11)}
+    assert means[2] > means[1] + 20 and means[3] > means[6] + 40  # kidneys brightest of the parenchyma
+    assert means[1] > means[6] > means[11]  # spleen above liver above pancreas, as in portal-venous CT
+    plain, plain_lab, _ = make_phantom_case((7, 0))
+    assert np.mean(img[lab == 2]) > np.mean(plain[plain_lab == 2]) + 80

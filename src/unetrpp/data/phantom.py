@@ -74,8 +74,17 @@ class _Scene:
         return t * (amplitude / max(float(t.std()), 1e-6))
 
 
-def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """One case: ``(image int16 HU, label uint8, geometry)``, determined by ``seed``."""
+#: Portal-venous-phase enhancement (HU ranges) used with ``contrast=True``.
+VENOUS_HU = {1: (120, 140), 2: (165, 200), 3: (165, 200), 6: (95, 115), 7: (70, 90), 8: (160, 210), 11: (75, 92)}
+
+
+def make_phantom_case(seed, contrast: bool = False) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """One case: ``(image int16 HU, label uint8, geometry)``, determined by ``seed``.
+
+    ``contrast=False``: unenhanced, organ intensities overlapping within tens of HU (hard).
+    ``contrast=True``: portal-venous enhancement (:data:`VENOUS_HU`), as most abdominal CT is read:
+    kidneys and aorta bright, spleen above liver above pancreas; shapes and placement unchanged in kind.
+    """
     rng = np.random.default_rng(seed)
     sxy, sz = rng.uniform(2.0, 3.0), rng.uniform(4.0, 6.0)
     fov_xy, fov_y, fov_z = rng.uniform(340, 380), rng.uniform(260, 300), rng.uniform(190, 230)
@@ -97,6 +106,7 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
     hu[wall & ~cavity] = u(40, 60)
     hu[cavity] = u(-100, -80)
     organ_hu = {}
+    venous = {lab: rng.uniform(*r) for lab, r in VENOUS_HU.items()} if contrast else {}
 
     def paint(mask, value, lab=0, exclusive=True):
         m = mask & cavity
@@ -125,7 +135,7 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
     # aorta and inferior vena cava: tubes along z in front of the spine
     ax = u(5, 15)
     aorta = ((s.x - ax) / u(10, 13)) ** 2 + ((s.y - vy + u(30, 36)) / u(10, 13)) ** 2 <= 1
-    organ_hu[8] = u(140, 200)
+    organ_hu[8] = venous.get(8, u(140, 200))
     paint(aorta, organ_hu[8], 8)
     ivc = ((s.x + u(18, 26)) / u(10, 14)) ** 2 + ((s.y - vy + u(28, 36)) / u(8, 11)) ** 2 <= 1
     paint(ivc & (s.z > -s.z.max() * 0.8), u(70, 110))
@@ -136,7 +146,7 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
         c = jitter((side * 62, vy - 5, -35 + (10 if side > 0 else 0)), 8)
         r = sc((24, 28, 50))
         kid = s.ellipsoid(c, r, _rot(rng, 15)) & ~s.ellipsoid((c[0] - side * 22, c[1] - 6, c[2]), (12, 10, 22))
-        organ_hu[lab] = soft + u(-15, 10)
+        organ_hu[lab] = venous.get(lab, soft + u(-15, 10))
         paint(kid, organ_hu[lab], lab)
 
     # gallbladder under the liver (painted before the liver so it is not covered)
@@ -145,7 +155,7 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
     paint(s.ellipsoid(gb_c, sc((15, 19, 32)), _rot(rng, 25)), organ_hu[4], 4)
 
     # pancreas: a curved chain from the head (right, by the duodenum) to the tail (by the spleen)
-    organ_hu[11] = soft + u(-10, 5)
+    organ_hu[11] = venous.get(11, soft + u(-10, 5))
     head, tail = np.array(jitter((-25, -5, -20), 8)), np.array(jitter((75, 25, 5), 8))
     bow = u(10, 25)
     for t in np.linspace(0, 1, 9):
@@ -154,12 +164,12 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
         paint(s.ellipsoid(p, (rad * 1.3, rad, rad * 1.2)), organ_hu[11], 11)
 
     # spleen (posterior left, upper), stomach (anterior left, upper), liver (right, upper)
-    organ_hu[1] = soft + u(-5, 15)
+    organ_hu[1] = venous.get(1, soft + u(-5, 15))
     paint(s.ellipsoid(jitter((95, 45, 35), 10), sc((28, 45, 50)), _rot(rng, 30) @ _rot_z(-35)), organ_hu[1], 1)
     st_c = jitter((45, -35, 35), 10)
     st_r = sc((48, 35, 45))
     stomach = s.ellipsoid(st_c, st_r, _rot(rng, 20))
-    organ_hu[7] = soft + u(-10, 10)
+    organ_hu[7] = venous.get(7, soft + u(-10, 10))
     lumen = s.ellipsoid(st_c, tuple(v * 0.7 for v in st_r))
     gas = lumen & (s.y < st_c[1] - st_r[1] * 0.35)
     st_m = stomach & cavity & ~claimed
@@ -168,7 +178,7 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
     hu[st_m & gas] = u(-800, -600)
     label[st_m] = 7
     claimed |= st_m
-    organ_hu[6] = soft + u(0, 20)
+    organ_hu[6] = venous.get(6, soft + u(0, 20))
     liver = s.ellipsoid(jitter((-65, 0, 30), 8), sc((80, 75, 70)), _rot(rng, 12))
     liver |= s.ellipsoid(jitter((-10, -30, 55), 8), sc((45, 35, 35)), _rot(rng, 12))  # left lobe
     paint(liver, organ_hu[6], 6)
@@ -192,15 +202,15 @@ def make_phantom_case(seed) -> tuple[np.ndarray, np.ndarray, Geometry]:
     return image, label, geometry
 
 
-def _write_case(out: Path, folder: str, label_folder: str, name: str, seed) -> str:
-    image, label, geometry = make_phantom_case(seed)
+def _write_case(out: Path, folder: str, label_folder: str, name: str, seed, contrast: bool = False) -> str:
+    image, label, geometry = make_phantom_case(seed, contrast)
     write_image(image, geometry, out / folder / f"{name}_0000.nii.gz")
     write_image(label, geometry, out / label_folder / f"{name}.nii.gz")
     return name
 
 
 def make_phantom_dataset(
-    out: str | os.PathLike, cases: int = 20, seed: int = 0, test: int = 0, workers: int = 1
+    out: str | os.PathLike, cases: int = 20, seed: int = 0, test: int = 0, workers: int = 1, contrast: bool = False
 ) -> Path:
     """Write ``cases`` training cases (+ ``test`` held-out cases in imagesTs/labelsTs) in the v2 layout."""
     if cases < 2:
@@ -208,8 +218,9 @@ def make_phantom_dataset(
     if test < 0:
         raise ValueError(f"--test must be >= 0, got {test}")
     out = Path(out)
-    jobs = [(out, "imagesTr", "labelsTr", f"phantom_{i:03d}", (seed, i)) for i in range(cases)]
-    jobs += [(out, "imagesTs", "labelsTs", f"phantom_{cases + i:03d}", (seed, cases + i)) for i in range(test)]
+    jobs = [(out, "imagesTr", "labelsTr", f"phantom_{i:03d}", (seed, i), contrast) for i in range(cases)]
+    jobs += [(out, "imagesTs", "labelsTs", f"phantom_{cases + i:03d}", (seed, cases + i), contrast)
+             for i in range(test)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for f in [pool.submit(_write_case, *j) for j in jobs]:
@@ -219,8 +230,9 @@ def make_phantom_dataset(
             _write_case(*j)
     write_dataset_json(
         out, ["CT"], BTCV_LABELS, cases, ".nii.gz", name="phantom",
-        description=f"unetrpp synthetic abdominal CT, seed {seed}: organs {sorted(PHANTOM_ORGANS.values())} "
-                    "drawn in BTCV numbering, the other BTCV classes absent",
+        description=f"unetrpp synthetic abdominal CT ({'portal venous' if contrast else 'unenhanced'}), seed "
+                    f"{seed}: organs {sorted(PHANTOM_ORGANS.values())} drawn in BTCV numbering, the other BTCV "
+                    "classes absent",
     )  # fmt: skip
     write_splits(out, kfold_splits([j[3] for j in jobs[:cases]]))
     return out

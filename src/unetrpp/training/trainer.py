@@ -115,8 +115,8 @@ class Trainer:
             raise ValueError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
                              "deepest stage, where batch norm needs two; use a larger patch or batch")
         classes = config.online_eval_classes
-        if classes is None and self.preset.eval_classes is not None:
-            classes = [c for c in self.preset.eval_classes if c < self.num_classes]
+        if classes is None and self.preset.eval_classes and self.num_classes == self.preset.config().out_channels:
+            classes = list(self.preset.eval_classes)  # the paper's evaluated labels (Synapse: 8 of 13 organs)
         self.eval_classes = list(classes) if classes else list(range(1, self.num_classes))
         bd = config.batch_dice if config.batch_dice is not None else self.preset.batch_dice
         self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
@@ -160,7 +160,7 @@ class Trainer:
         module = model.module if hasattr(model, "module") else model
         payload = {
             "model_config": self.model_config,
-            "plans": self.plans,
+            "plans": {**self.plans, "patch_size": self.patch, "batch_size": self.global_batch},
             "labels": self.ds.labels,
             "channel_names": self.ds.channel_names,
             "file_ending": self.ds.file_ending,
@@ -250,16 +250,19 @@ class Trainer:
         epoch = start_epoch
         t_process = time.perf_counter()
         elapsed0 = float(state["elapsed"])
+        self._deadline = t_process + 60 * cfg.time_budget_min - elapsed0 if cfg.time_budget_min else None
+        self._iter_s = self._tail_s = 0.0  # measured: one training iteration; validation + writing of an epoch
         while epoch < cfg.epochs:
             elapsed = elapsed0 + time.perf_counter() - t_process
-            if self._out_of_time(elapsed, state["history"]):
+            if self._out_of_time():
                 self.log(f"time budget reached after {elapsed / 60:.1f} min: stopping before epoch {epoch}")
                 break
             t0 = time.perf_counter()
             lr = self.lr_at(epoch, elapsed)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            train_loss = self._train_epoch(train_model, optimizer, scaler, epoch)
+            train_loss, iters = self._train_epoch(train_model, optimizer, scaler, epoch)
+            t_tail = time.perf_counter()
             val_loss, dice = self._validate_epoch(model, epoch)
             mean = float(np.nanmean([dice[c] for c in self.eval_classes])) if any(
                 not math.isnan(dice[c]) for c in self.eval_classes) else math.nan
@@ -268,7 +271,7 @@ class Trainer:
                 state["ema"] = mean if state["ema"] is None else a * state["ema"] + (1 - a) * mean
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "pseudo_dice": mean,
                    "ema_dice": state["ema"] if state["ema"] is not None else math.nan, "lr": lr,
-                   "epoch_time_s": time.perf_counter() - t0}
+                   "iterations": iters, "epoch_time_s": time.perf_counter() - t0}
             row.update({f"dice_{self._class_name(c)}": dice[c] for c in range(1, self.num_classes)})
             epoch += 1
             state["elapsed"] = elapsed0 + time.perf_counter() - t_process
@@ -282,14 +285,16 @@ class Trainer:
             if improved:
                 self._save("checkpoint_best.pt", self._payload(model, optimizer, scaler, epoch, state, full=False))
             self._write_progress(state["history"])
+            self._tail_s = time.perf_counter() - t_tail
             self.log(f"epoch {epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
                      f"{mean:.4f} (EMA {row['ema_dice']:.4f}{', best' if improved else ''}), lr {lr:.2e}, "
-                     f"{row['epoch_time_s']:.1f} s")
+                     f"{iters} it, {row['epoch_time_s']:.1f} s")
         final = self._payload(model, optimizer, scaler, epoch, state)
         self._save("checkpoint_final.pt", final)
         self._save("checkpoint_latest.pt", final)
         self.log(f"training done: {epoch} epoch(s), {state['elapsed'] / 60:.1f} min; wrote {self.out}")
-        summary = {"epochs": epoch, "elapsed_s": state["elapsed"], "best_ema_dice": state["best_ema"]}
+        summary = {"epochs": epoch, "iterations": sum(h.get("iterations", 0) for h in state["history"]),
+                   "elapsed_s": state["elapsed"], "best_ema_dice": state["best_ema"]}
         if cfg.final_validation:
             summary["validation"] = self.validate_cases(model)
         if self.world > 1:
@@ -310,12 +315,11 @@ class Trainer:
             progress = max(progress, elapsed_s / (60 * self.cfg.time_budget_min))
         return poly_lr(self.cfg.lr, progress, self.cfg.poly_exponent)
 
-    def _out_of_time(self, elapsed: float, history: list[dict]) -> bool:
-        budget = self.cfg.time_budget_min
-        stop = False
-        if budget and history:
-            recent = [h["epoch_time_s"] for h in history[-3:]]
-            stop = elapsed + float(np.mean(recent)) > 60 * budget
+    def _out_of_time(self) -> bool:
+        """Whether one more iteration, plus the epoch's validation and writing, would pass the time budget."""
+        if self._deadline is None:
+            return False
+        stop = time.perf_counter() + self._iter_s + self._tail_s > self._deadline
         if self.world > 1:  # every process must take the same decision: rank 0's
             flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(flag, 0)
@@ -325,7 +329,8 @@ class Trainer:
     def _seed_epoch(self, epoch: int) -> None:
         torch.manual_seed(_seed_of(self.cfg.seed, self.rank, epoch))
 
-    def _train_epoch(self, model, optimizer, scaler, epoch: int) -> float:
+    def _train_epoch(self, model, optimizer, scaler, epoch: int) -> tuple[float, int]:
+        """Mean loss and number of iterations (fewer than configured when the time budget ends the epoch)."""
         cfg = self.cfg
         self._seed_epoch(epoch)
         model.train()
@@ -340,8 +345,12 @@ class Trainer:
 
             bar = tqdm(total=cfg.iters_per_epoch, desc=f"epoch {epoch}", unit="it", leave=False)
         total = torch.zeros((), dtype=torch.float64)
+        done = 0
         try:
-            for _ in range(cfg.iters_per_epoch):
+            for i in range(cfg.iters_per_epoch):
+                if i and self._out_of_time():
+                    break
+                t_iter = time.perf_counter()
                 x, y = next(batches)
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
@@ -358,6 +367,12 @@ class Trainer:
                 scaler.step(optimizer)
                 scaler.update()
                 total += loss.detach().double().cpu()
+                done += 1
+                spent = time.perf_counter() - t_iter  # the first of an epoch also waits for the loader to start
+                if not self._iter_s:
+                    self._iter_s = spent
+                elif i:
+                    self._iter_s = 0.8 * self._iter_s + 0.2 * spent
                 if bar:
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -365,12 +380,12 @@ class Trainer:
             if bar:
                 bar.close()
             del batches, loader
-        mean = total / cfg.iters_per_epoch
+        mean = total / max(done, 1)
         if self.world > 1:
             mean = mean.to(self.device if self.device.type == "cuda" else "cpu")
             dist.all_reduce(mean)
             mean = mean.cpu() / self.world
-        return float(mean)
+        return float(mean), done
 
     @torch.no_grad()
     def _validate_epoch(self, model, epoch: int) -> tuple[float, dict[int, float]]:

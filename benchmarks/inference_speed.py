@@ -1,0 +1,94 @@
+"""Whole-volume prediction speed and memory at the synapse patch, TTA on and off.
+
+    python benchmarks/inference_speed.py [--device cpu|cuda] [--shape 148 256 256] [--tta on off]
+        [--batch N] [--json OUT.json]
+
+A CT-like volume of ``shape`` voxels (soft tissue, air and bone in Hounsfield units) at the plans'
+target spacing goes through ``Predictor.predict`` with the synapse preset (64 x 128 x 128 patch,
+step 0.5): normalisation, crop, sliding window with Gaussian weighting, undo, arg-max. Each
+configuration runs in a fresh process so its peak memory is its own. Reported: wall time,
+windows per second (forward passes of one window, so TTA counts 8 per position), peak resident
+memory (CPU) or peak allocated GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+from unetrpp import create_model
+from unetrpp.inference import Predictor
+from unetrpp.inference.sliding_window import window_grid
+from unetrpp.runtime import tune_cpu_allocator
+tune_cpu_allocator()
+shape, device, tta, batch = tuple(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3] == "on", int(sys.argv[4])
+rng = np.random.default_rng(0)
+z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+body = ((y - shape[1] / 2) / (0.45 * shape[1])) ** 2 + ((x - shape[2] / 2) / (0.48 * shape[2])) ** 2 < 1
+image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, shape)
+image[:, int(shape[1] * 0.7):int(shape[1] * 0.8), int(shape[2] * 0.45):int(shape[2] * 0.55)] = 700.0
+spacing = (1.5, 0.76, 0.76)
+plans = {"target_spacing": list(spacing), "channel_names": ["CT"], "labels": {}, "num_classes": 14,
+         "normalization": [{"channel": "CT", "scheme": "ct", "clip": [-175.0, 250.0], "mean": 50.0, "std": 60.0}],
+         "resampling": {"image_order": 3, "label_order": 1}}
+torch.manual_seed(0)
+model = create_model("synapse")
+pred = Predictor(model, plans, device=device, tta=tta, batch=batch or None)
+windows = len(window_grid(shape, (64, 128, 128), 0.5)) * (8 if tta else 1)
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+t = time.perf_counter()
+result = pred.predict(image.astype(np.float32), spacing=spacing)
+if device == "cuda":
+    torch.cuda.synchronize()
+wall = time.perf_counter() - t
+out = {"wall_s": wall, "window_passes": windows, "windows_per_s": windows / wall, "batch": pred.batch,
+       "amp": pred.amp, "label_shape": list(result.label.shape),
+       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if device == "cuda":
+    out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+print("RESULT " + json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", type=int, nargs=3, default=[148, 256, 256])
+    ap.add_argument("--tta", nargs="+", default=["off", "on"], choices=("on", "off"))
+    ap.add_argument("--batch", type=int, default=0, help="windows per forward pass (0: the predictor's default)")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    import torch
+
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+              "date": time.strftime("%Y-%m-%d"), "device": args.device, "shape": args.shape,
+              "patch": [64, 128, 128], "step": 0.5, "runs": {}}
+    for tta in args.tta:
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args.shape), args.device, tta,
+                               str(args.batch)], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            raise SystemExit(f"TTA {tta}: failed\n{proc.stderr[-2000:]}")
+        r = json.loads(line[7:])
+        report["runs"][f"tta_{tta}"] = r
+        mem = f"peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        print(f"TTA {tta}: {r['wall_s']:.1f} s, {r['window_passes']} window passes, {r['windows_per_s']:.2f} "
+              f"windows/s, {mem}", flush=True)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
