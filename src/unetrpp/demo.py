@@ -16,7 +16,6 @@ faster than the recipe's SGD in a few hundred steps.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -131,5 +130,4 @@ def run_demo(
           f"{total:.1f} min in all")
     print(f"[demo] everything is in {out}: predictions/, overlays/, training/progress.png, evaluation.json, "
           f"summary.json")
-    print(json.dumps({"out": str(out)}))
     return summary
