@@ -73,8 +73,15 @@ def overlay_png(
                    bbox_to_anchor=(0.5, -0.02))
     if title:
         fig.suptitle(title)
+    return figure_png(fig, dpi=90, bbox_inches="tight")
+
+
+def figure_png(fig, **savefig_kwargs) -> bytes:
+    """PNG bytes of a matplotlib figure, which is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", **savefig_kwargs)
     plt.close(fig)
     return buf.getvalue()
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..io.jsonio import atomic_write
+from ..viz import figure_png
 
 
 def plot_progress(history: list[dict], path: str | os.PathLike) -> Path:
@@ -36,14 +37,5 @@ def plot_progress(history: list[dict], path: str | os.PathLike) -> Path:
     ax_d.set_ylim(0, 1)
     ax_d.grid(alpha=0.3)
     ax_d.legend(fontsize=7, ncol=2, loc="lower right")
-    buf = _png(fig)
-    plt.close(fig)
+    buf = figure_png(fig, dpi=100)
     return atomic_write(Path(path), lambda f: f.write(buf))
-
-
-def _png(fig) -> bytes:
-    import io
-
-    b = io.BytesIO()
-    fig.savefig(b, format="png", dpi=100)
-    return b.getvalue()
