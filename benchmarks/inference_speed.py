@@ -30,14 +30,11 @@ from unetrpp.inference.sliding_window import window_grid
 from unetrpp.runtime import tune_cpu_allocator
 tune_cpu_allocator()
 shape, device, tta, batch = tuple(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3] == "on", int(sys.argv[4])
-rng = np.random.default_rng(0)
-z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
-body = ((y - shape[1] / 2) / (0.45 * shape[1])) ** 2 + ((x - shape[2] / 2) / (0.48 * shape[2])) ** 2 < 1
-image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, shape)
-image[:, int(shape[1] * 0.7):int(shape[1] * 0.8), int(shape[2] * 0.45):int(shape[2] * 0.55)] = 700.0
+from unetrpp.bench import CT_NORMALISATION, ct_like_volume
+image = ct_like_volume(shape)
 spacing = (1.5, 0.76, 0.76)
 plans = {"target_spacing": list(spacing), "channel_names": ["CT"], "labels": {}, "num_classes": 14,
-         "normalization": [{"channel": "CT", "scheme": "ct", "clip": [-175.0, 250.0], "mean": 50.0, "std": 60.0}],
+         "normalization": [CT_NORMALISATION],
          "resampling": {"image_order": 3, "label_order": 1}}
 torch.manual_seed(0)
 model = create_model("synapse")

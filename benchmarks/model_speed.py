@@ -16,23 +16,12 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
 
 
 def _build(impl: str, preset: str):
@@ -68,7 +57,8 @@ def worker(impl: str, what: str, preset: str, threads: int, repeats: int, tune: 
                 model(x)
     else:
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5,
+                              fused=True)  # as the trainer
         loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True))
         x = torch.randn(2, cfg.in_channels, *cfg.img_size)
         y = torch.randint(0, cfg.out_channels, (2, *cfg.img_size))
@@ -79,28 +69,21 @@ def worker(impl: str, what: str, preset: str, threads: int, repeats: int, tune: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
             opt.step()
 
-    median, times = _median_time(step, repeats)
+    from unetrpp.bench import median_time
+
+    median, times = median_time(step, repeats)
     return {"impl": impl, "what": what, "median_s": median, "times_s": times,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "allocator_tuned": tuned}
 
 
 def machine_rates(threads: int) -> dict:
-    """GMAC/s of a plain conv3d (16 -> 16 channels at 64 x 128 x 128, and 32 at 32^3) and a matmul."""
+    """GMAC/s of a plain conv3d (16 channels at 64 x 128 x 128, 32 at 32^3) and a 2048^2 matmul."""
     import torch
-    import torch.nn.functional as F
+
+    from unetrpp.bench import bench_rates
 
     torch.set_num_threads(threads)
-    out = {}
-    with torch.inference_mode():
-        for c, size in ((16, (64, 128, 128)), (32, (32, 32, 32))):
-            x = torch.randn(1, c, *size).contiguous(memory_format=torch.channels_last_3d)
-            w = torch.randn(c, c, 3, 3, 3)
-            med, _ = _median_time(lambda x=x, w=w: F.conv3d(x, w, padding=1), 5)
-            out[f"conv3d_{c}ch_gmacs"] = c * c * 27 * x[0, 0].numel() / med / 1e9
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        med, _ = _median_time(lambda: a @ b, 5)
-        out["matmul_2048_gmacs"] = 2048**3 / med / 1e9
-    return out
+    return bench_rates(torch.device("cpu"), 5)
 
 
 def main() -> int:

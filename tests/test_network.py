@@ -209,3 +209,17 @@ def test_initialisation_follows_the_official_code():
     ef = enc.attn.proj_kv.weight
     bound = 1 / model.config.proj_size[0] ** 0.5
     assert ef.abs().max() <= bound and ef.abs().max() > 0.9 * bound and enc.attn.proj_kv.bias is None
+
+
+def test_token_norm_matches_vector_norm_with_exact_gradients():
+    from unetrpp.network.epa import _TokenNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(_TokenNorm.apply(x), torch.linalg.vector_norm(x, dim=1), rtol=1e-12)
+    assert torch.autograd.gradcheck(_TokenNorm.apply, (x,))
+    strided = torch.randn(1, 4096, 64)[..., :32]  # as in EPA: a slice of the qkv projection
+    assert torch.allclose(_TokenNorm.apply(strided), torch.linalg.vector_norm(strided, dim=1), rtol=1e-6)
+    zero = torch.zeros(1, 5, 3, requires_grad=True)
+    _TokenNorm.apply(zero).sum().backward()
+    assert torch.equal(zero.grad, torch.zeros_like(zero))  # like F.normalize: no NaN at a zero column

@@ -20,12 +20,17 @@ def _window(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
+#: tab20 entries in label order: the nine saturated colours, then their light shades; the two greys
+#: (14, 15) are left out, they vanish on CT.
+_TAB20_ORDER = (0, 2, 4, 6, 8, 10, 12, 16, 18, 1, 3, 5, 7, 9, 11, 13, 17, 19)
+
+
 def colours(n: int) -> np.ndarray:
-    """RGB colours for labels 1..n-1 (row 0 unused), distinct for the first 20."""
+    """RGB colours for labels 1..n-1 (row 0 unused), distinct for the first 18 and never grey."""
     import matplotlib
 
     cmap = matplotlib.colormaps["tab20"]
-    return np.array([(0, 0, 0)] + [cmap((i * 2) % 20 / 20 + (1 / 40 if i >= 10 else 0))[:3] for i in range(n - 1)])
+    return np.array([(0, 0, 0)] + [cmap.colors[_TAB20_ORDER[i % len(_TAB20_ORDER)]] for i in range(n - 1)])
 
 
 def overlay_png(

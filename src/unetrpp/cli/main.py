@@ -7,6 +7,7 @@ import sys
 
 from .. import __version__
 from . import (
+    bench,
     check,
     convert,
     convert_weights,
@@ -23,7 +24,7 @@ from . import (
 )
 
 COMMANDS = (demo, info, convert_weights, convert, check, plan, preprocess, phantom, train, predict, evaluate, overlay,
-            export)
+            export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder exactly")
     p.add_argument("--no-val", action="store_true", help="skip the final whole-case validation")
     p.add_argument("--no-val-tta", action="store_true", help="final validation without mirroring")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="recompute the EPA stages in backward: less training memory, slower steps")
     p.set_defaults(run=run)
 
 
@@ -57,6 +59,7 @@ def run(args) -> int:
         optimizer=args.optimizer,
         amp=amp, device=device, seed=args.seed, workers=args.workers, time_budget_min=args.time_budget,
         final_validation=not args.no_val, final_validation_tta=not args.no_val_tta,
+        activation_checkpointing=args.checkpointing,
     )
     Trainer(args.dataset, cfg, out_dir=args.out).run(resume=args.resume)
     return 0

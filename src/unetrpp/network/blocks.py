@@ -46,7 +46,7 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     s = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
     if (_MKLDNN_CONV and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not reference_enabled()):
+            and not reference_enabled() and not torch.compiler.is_compiling()):  # the compiler lowers its own
         out = torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding] * 3, list(s), [1, 1, 1], 1)
     else:
         out = F.conv3d(x, weight, bias, stride=s, padding=padding)

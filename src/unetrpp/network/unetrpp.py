@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import (
     Downsample,
@@ -249,6 +250,10 @@ class UNETRPP(nn.Module):
         if cfg.deep_supervision:
             self.heads.extend([TokenHead(d0, cfg.out_channels), TokenHead(d1, cfg.out_channels)])
         self._deep_supervision = cfg.deep_supervision
+        #: Recompute the EPA stages in backward instead of keeping their activations (training
+        #: memory for time; the full-resolution conv stages are always kept). Outputs and gradients
+        #: are unchanged: dropout masks are replayed from the saved RNG state.
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------ behaviour switches
     @property
@@ -282,19 +287,20 @@ class UNETRPP(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last_3d)
         full = self.stem_block(x)
 
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         feats = []
         h = x
         for i in range(4):
             t = volume_to_tokens(self.downsample[i](h))
             for blk in self.stages[i]:
-                t = blk(t)
+                t = checkpoint(blk, t, use_reentrant=False) if recompute else blk(t)
             feats.append(t)
             h = tokens_to_volume(t, shapes[i])
 
         t = feats[3]
         decoded = []
         for j, up in enumerate(self.decoder):
-            t = up(t, feats[2 - j])
+            t = checkpoint(up, t, feats[2 - j], use_reentrant=False) if recompute else up(t, feats[2 - j])
             decoded.append(t)
         logits = self.heads[0](self.final(t, volume_to_tokens(full)), cfg.img_size)
         if not self._deep_supervision:

@@ -46,6 +46,7 @@ class TrainConfig:
     final_validation: bool = True
     final_validation_tta: bool = True
     model_overrides: dict = field(default_factory=dict)  # extra UNETRPP constructor arguments
+    activation_checkpointing: bool = False  # recompute the EPA stages in backward (memory for time)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:

@@ -209,11 +209,17 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.build_model().to(self.device)
+        if cfg.activation_checkpointing:
+            if not hasattr(model, "activation_checkpointing"):
+                raise ValueError(f"activation_checkpointing: {type(model).__name__} has no such switch")
+            model.activation_checkpointing = True
+        # one fused kernel over all parameters: 5x faster than the per-tensor loop on CPU (docs/benchmarks.md)
+        fused = {"fused": True} if self.device.type in ("cpu", "cuda") else {}
         if cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         else:
             optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+                                        nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
         state = {"ema": None, "best_ema": None, "history": [], "elapsed": 0.0}
         start_epoch = 0

@@ -1,0 +1,5 @@
+"""``python -m unetrpp``: the same as the ``unetrpp`` command."""
+
+from .cli.main import main
+
+raise SystemExit(main())
