@@ -99,3 +99,14 @@ def test_activation_checkpointing_keeps_outputs_and_gradients():
     assert g0.keys() == g1.keys()
     worst = max(((g0[n] - g1[n]).abs().max() / g0[n].abs().max().clamp_min(1e-12)).item() for n in g0)
     assert worst < 1e-5
+
+
+def test_forward_figure_is_the_multiply_add_count_over_the_median():
+    from unetrpp.network import create_model
+    from unetrpp.network.analysis import count_macs
+
+    rec = run_suite(["forward"], patch=(32, 64, 64), repeats=2, echo=lambda _: None)
+    r = rec["results"]["forward"]
+    assert r["patch"] == [32, 64, 64] and len(r["times_s"]) == 2
+    assert r["macs"] == count_macs(create_model("synapse", img_size=(32, 64, 64)))[0]
+    assert r["gmacs_per_s"] == pytest.approx(r["macs"] / r["median_s"] / 1e9, rel=1e-12)

@@ -139,13 +139,9 @@ def bench_rates(device, repeats: int) -> dict:
 
 def bench_forward(preset: str, device, repeats: int, amp: str = "off", compile_: bool = False,
                   patch: Sequence[int] | None = None, batch: int = 1) -> dict:
-    from .network import create_model
-    from .network.analysis import count_macs
-
     model, run = _model(preset, device, patch, compile_)
     model.eval()
     cfg = model.config
-    macs = count_macs(create_model(preset, **({"img_size": tuple(patch)} if patch else {})))[0] * batch  # on the CPU
     x = torch.randn(batch, cfg.in_channels, *cfg.img_size, device=device)
 
     def step():
@@ -153,8 +149,7 @@ def bench_forward(preset: str, device, repeats: int, amp: str = "off", compile_:
             run(x)
 
     med, times = median_time(step, repeats, warmup=2 if compile_ else 1, sync=_sync(device))
-    return {"median_s": med, "times_s": times, "macs": macs, "gmacs_per_s": macs / med / 1e9,
-            "patch": list(cfg.img_size), "batch": batch}
+    return {"median_s": med, "times_s": times, "patch": list(cfg.img_size), "batch": batch}
 
 
 def _train_step_fn(model, run, device, batch: int, amp: str):
@@ -385,7 +380,13 @@ def run_suite(whats: Sequence[str], preset: str = "synapse", device: str = "cpu"
         echo("machine rates: " + ", ".join(f"{k} {v:.1f}" for k, v in res["rates"].items() if k.endswith("_s")))
     common = {"preset": preset, "amp": amp, "compile_": compile_, "patch": list(patch) if patch else None}
     if "forward" in whats:
+        from .network import create_model
+        from .network.analysis import count_macs
+
+        # counted here, not in the worker, so that the worker's peak memory is the forward pass's own
+        macs = count_macs(create_model(preset, **({"img_size": tuple(patch)} if patch else {})))[0]
         r = res["forward"] = run_worker({**base, "kind": "forward", "kwargs": {**common, "repeats": repeats}})
+        r["macs"], r["gmacs_per_s"] = macs, macs / r["median_s"] / 1e9
         echo(f"forward  {preset} 1 x {'x'.join(map(str, r['patch']))}: median {r['median_s']:.3f} s, "
              f"{r['gmacs_per_s']:.1f} G MAC/s, peak {r['peak_memory_mb']:.0f} MB")
     if "train" in whats:
