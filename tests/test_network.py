@@ -223,3 +223,18 @@ def test_token_norm_matches_vector_norm_with_exact_gradients():
     zero = torch.zeros(1, 5, 3, requires_grad=True)
     _TokenNorm.apply(zero).sum().backward()
     assert torch.equal(zero.grad, torch.zeros_like(zero))  # like F.normalize: no NaN at a zero column
+
+
+def test_training_step_under_bf16_autocast_runs_with_finite_gradients():
+    """The custom autograd functions (spatial attention, token norms, instance norm) under autocast:
+    backward runs outside autocast, so mixed dtypes there must be cast explicitly (it used to raise)."""
+    model = UNETRPP(in_channels=1, out_channels=3, img_size=(16, 32, 32), feature_size=8, depths=[1, 1, 1, 1],
+                    decoder_depths=[1, 1, 1], proj_size=[16, 16, 16, 8], decoder_proj_size=16).train()
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out[0].dtype == torch.bfloat16
+    sum(o.float().square().mean() for o in out).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

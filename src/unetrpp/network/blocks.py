@@ -92,7 +92,7 @@ class _InstanceNormAct(torch.autograd.Function):
         mean_g = g.sum(dim=1, keepdim=True).div_(n)
         mean_gx = torch.linalg.vecdot(g, xhat, dim=1).unsqueeze(1).div_(n)
         dx = (g - mean_g).sub_(xhat.mul_(mean_gx)).mul_(rstd)
-        return dx, (g if ctx.has_res else None)
+        return dx, (g.to(res.dtype) if ctx.has_res else None)
 
 
 def instance_norm_lrelu(x: torch.Tensor, res: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +109,10 @@ def instance_norm_lrelu(x: torch.Tensor, res: torch.Tensor | None = None) -> tor
             y = y + tokens_to_volume(res, spatial)
         return F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
     v = volume_to_tokens(x)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        # under autocast, as autocast runs the norms: in float32. The backward subtracts two means of
+        # size-N products; in 16 bits that cancellation returned gradients of the wrong sign.
+        v = v.float()
     if not _inplace_ok(v, *(() if res is None else (res,))):
         return tokens_to_volume(_InstanceNormAct.apply(v, res), spatial)
     var, mean = torch.var_mean(v, dim=1, keepdim=True, correction=0)

@@ -15,8 +15,8 @@ first) or by a sum.
 Implementation notes (outputs equal the textbook formulation up to float rounding):
 
 * the L2 normalisation is never materialised: the channel Gram matrix is divided by the outer
-  product of the token norms (computed as one GEMM), and the spatial-branch query norm and temperature are folded into
-  the (small) projected keys;
+  product of the token norms (one GEMM), and the spatial-branch query norm and temperature are
+  folded into the (small) projected keys;
 * the spatial branch runs through ``scaled_dot_product_attention`` (fused kernel, no N x p
   attention matrix kept for backward);
 * ``head_merge="official"`` reproduces the official code's ``permute(0, 3, 1, 2).reshape(B, N, C)``
@@ -49,20 +49,29 @@ class _SpatialAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float):
-        attn = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)
+        # Under autocast the products run in its dtype and the softmax in float32, in forward and in
+        # backward alike (backward runs outside autocast, so the casts are explicit). In float32 every
+        # cast below is a no-op.
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        device = q.device.type
+        dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        attn = torch.matmul(q, k.transpose(-1, -2)).float().softmax(dim=-1)
         mask = None
         if dropout > 0:
             mask = torch.rand_like(attn) >= dropout
             attn.mul_(mask).mul_(1.0 / (1.0 - dropout))
         ctx.dropout = dropout
         ctx.save_for_backward(q, k, v, mask)
-        return torch.matmul(attn, v)
+        return torch.matmul(attn.to(dt), v)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q, k, v, mask = ctx.saved_tensors
-        attn = torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1)
-        grad_attn = torch.matmul(grad, v.transpose(-1, -2))
+        dt = q.dtype
+        grad = grad.to(dt)
+        attn = torch.matmul(q, k.transpose(-1, -2)).float().softmax(dim=-1)
+        grad_attn = torch.matmul(grad, v.transpose(-1, -2)).float()
         if mask is not None:
             scale = 1.0 / (1.0 - ctx.dropout)
             kept = attn * mask * scale
@@ -70,12 +79,13 @@ class _SpatialAttention(torch.autograd.Function):
         else:
             kept = attn
         # (p, N) @ (N, d) products are written as ((d, N) @ (N, p))^T: BLAS is ~4x faster that way round
-        grad_v = torch.matmul(grad.transpose(-1, -2), kept).transpose(-1, -2)
+        grad_v = torch.matmul(grad.transpose(-1, -2), kept.to(dt)).transpose(-1, -2)
         # softmax backward: a * (g - sum(g * a))
-        grad_logits = grad_attn.sub_((grad_attn * attn).sum(dim=-1, keepdim=True)).mul_(attn)
+        grad_logits = grad_attn.sub_((grad_attn * attn).sum(dim=-1, keepdim=True)).mul_(attn).to(dt)
         grad_q = torch.matmul(grad_logits, k)
         grad_k = torch.matmul(q.transpose(-1, -2), grad_logits).transpose(-1, -2)
-        return grad_q, grad_k, grad_v, None
+        dq, dk, dv = ctx.in_dtypes
+        return grad_q.to(dq), grad_k.to(dk), grad_v.to(dv), None
 
 
 class _TokenNorm(torch.autograd.Function):
@@ -89,8 +99,10 @@ class _TokenNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor):
-        ones = x.new_ones(x.shape[0], 1, x.shape[1])
-        norm = torch.bmm(ones, x.square()).squeeze(1).sqrt_()
+        # float32 under autocast too, as autocast runs vector_norm: the norms divide every logit
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            norm = torch.bmm(xf.new_ones(x.shape[0], 1, x.shape[1]), xf.square()).squeeze(1).sqrt_()
         ctx.save_for_backward(x, norm)
         return norm
 
@@ -98,7 +110,7 @@ class _TokenNorm(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, norm = ctx.saved_tensors
         scale = torch.where(norm > 0, grad / norm, torch.zeros_like(norm))  # d|x|/dx = x/|x|; 0 at 0
-        return x * scale.unsqueeze(1)
+        return (x * scale.unsqueeze(1)).to(x.dtype)
 
 
 class EPA(nn.Module):
