@@ -110,8 +110,8 @@ def instance_norm_lrelu(x: torch.Tensor, res: torch.Tensor | None = None) -> tor
         return F.leaky_relu(y, LEAKY_SLOPE, inplace=True)
     v = volume_to_tokens(x)
     if v.dtype in (torch.float16, torch.bfloat16):
-        # under autocast, as autocast runs the norms: in float32. The backward subtracts two means of
-        # size-N products; in 16 bits that cancellation returned gradients of the wrong sign.
+        # under autocast, in float32 as autocast runs PyTorch's own norms: statistics over N voxels,
+        # and a backward that subtracts two means of size-N products, need more than 16 bits
         v = v.float()
     if not _inplace_ok(v, *(() if res is None else (res,))):
         return tokens_to_volume(_InstanceNormAct.apply(v, res), spatial)
