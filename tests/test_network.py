@@ -230,7 +230,7 @@ def test_training_step_under_bf16_autocast_runs_with_finite_gradients():
     backward runs outside autocast, so mixed dtypes there must be cast explicitly (it used to raise)."""
     model = UNETRPP(in_channels=1, out_channels=3, img_size=(16, 32, 32), feature_size=8, depths=[1, 1, 1, 1],
                     decoder_depths=[1, 1, 1], proj_size=[16, 16, 16, 8], decoder_proj_size=16).train()
-    x = torch.randn(1, 1, 16, 32, 32)
+    x = torch.randn(2, 1, 16, 32, 32)  # batch 2: BatchNorm at the 1x1x1 bottleneck needs 2 values
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     assert out[0].dtype == torch.bfloat16

@@ -40,6 +40,11 @@ HEAD_MERGES = ("official", "standard")
 _L2_EPS = 1e-12
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """16-bit floats to float32; float32 and float64 unchanged (no copy)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _SpatialAttention(torch.autograd.Function):
     """``dropout(softmax(q k^T)) v`` for the spatial branch (few keys: p), memory-lean in training.
 
@@ -56,7 +61,7 @@ class _SpatialAttention(torch.autograd.Function):
         device = q.device.type
         dt = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        attn = torch.matmul(q, k.transpose(-1, -2)).float().softmax(dim=-1)
+        attn = _upcast(torch.matmul(q, k.transpose(-1, -2))).softmax(dim=-1)
         mask = None
         if dropout > 0:
             mask = torch.rand_like(attn) >= dropout
@@ -70,8 +75,8 @@ class _SpatialAttention(torch.autograd.Function):
         q, k, v, mask = ctx.saved_tensors
         dt = q.dtype
         grad = grad.to(dt)
-        attn = torch.matmul(q, k.transpose(-1, -2)).float().softmax(dim=-1)
-        grad_attn = torch.matmul(grad, v.transpose(-1, -2)).float()
+        attn = _upcast(torch.matmul(q, k.transpose(-1, -2))).softmax(dim=-1)
+        grad_attn = _upcast(torch.matmul(grad, v.transpose(-1, -2)))
         if mask is not None:
             scale = 1.0 / (1.0 - ctx.dropout)
             kept = attn * mask * scale
@@ -101,7 +106,7 @@ class _TokenNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor):
         # float32 under autocast too, as autocast runs vector_norm: the norms divide every logit
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            xf = _upcast(x)
             norm = torch.bmm(xf.new_ones(x.shape[0], 1, x.shape[1]), xf.square()).squeeze(1).sqrt_()
         ctx.save_for_backward(x, norm)
         return norm
