@@ -284,7 +284,7 @@ class UNETRPP(nn.Module):
         self._check_input(x)
         cfg = self.config
         shapes = cfg.stage_shapes
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = _channels_last(x)
         full = self.stem_block(x)
 
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
@@ -344,6 +344,19 @@ class UNETRPP(nn.Module):
             raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
         load_state_dict_checked(model, state, source=str(weights))
         return model
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels-last memory with channels-last strides.
+
+    With one channel, NCDHW memory already counts as channels-last, so ``contiguous`` keeps the
+    NCDHW strides, and oneDNN then writes the first convolutions' outputs in NCDHW: a full-resolution
+    copy each to bring them back. A one-channel copy (small) gives the strides it recognises.
+    """
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    if x.stride(1) != 1 and x.shape[1] == 1:
+        x = torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
+    return x
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
