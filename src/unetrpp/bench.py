@@ -153,12 +153,13 @@ def bench_forward(preset: str, device, repeats: int, amp: str = "off", compile_:
 
 
 def _train_step_fn(model, run, device, batch: int, amp: str):
+    from .training.config import TrainConfig
     from .training.loss import DeepSupervisionLoss, DiceCELoss
+    from .training.trainer import build_optimizer
 
     cfg = model.config
     model.train()
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5, **fused)
+    opt = build_optimizer(model.parameters(), TrainConfig(), device)  # the recipe's SGD
     loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     x = torch.randn(batch, cfg.in_channels, *cfg.img_size, device=device)
