@@ -30,7 +30,8 @@ def test_token_var_mean_matches_float64(tokens):
 
 @pytest.mark.parametrize("with_res", [False, True])
 def test_instance_norm_act_gradients_over_several_chunks(with_res):
-    """The chunked two-pass backward against autograd through the plain ops, in float64."""
+    """The custom backward (chunked dot product, in-place temporaries) against autograd through the
+    plain ops, in float64."""
     torch.manual_seed(0)
     tokens = 2 * CHUNK + 123  # several chunks (of the dot product) and a remainder
     x = (torch.randn(2, tokens, 16, dtype=torch.float64) * 2 + 1).requires_grad_()
