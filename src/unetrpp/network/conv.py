@@ -60,9 +60,17 @@ def _slab_shape_ok(x: torch.Tensor) -> bool:
     return z % SLAB == 0 and z >= 2 * SLAB and z * y * w >= _SLAB_MIN_VOXELS
 
 
+def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: list[int],
+              want_input: bool) -> torch.Tensor:
+    """oneDNN's input gradient (``want_input``) or weight gradient of a stride-1 convolution."""
+    mask = [want_input, not want_input, False]
+    out = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1, 1], padding, [1, 1, 1], False,
+                                              [0, 0, 0], 1, mask)
+    return out[0] if want_input else out[1]
+
+
 def _onednn_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1], False,
-                                               [0, 0, 0], 1, [False, True, False])[1]
+    return _backward(grad, x, weight, [1, 1, 1], want_input=False)
 
 
 def slab_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, slab: int = SLAB,
@@ -98,9 +106,7 @@ def slab_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
             else:
                 xs[-1, slab + 1].zero_()
             gs = gt[s, z0:z1].reshape(k, slab, y, w, grad.shape[1]).permute(0, 4, 1, 2, 3)
-            part = torch.ops.aten.convolution_backward(
-                gs, xs.permute(0, 4, 1, 2, 3), weight, None, [1, 1, 1], [0, 1, 1], [1, 1, 1], False,
-                [0, 0, 0], 1, [False, True, False])[1]
+            part = _backward(gs, xs.permute(0, 4, 1, 2, 3), weight, [0, 1, 1], want_input=False)
             total = part if total is None else total.add_(part)
     return total
 
@@ -116,10 +122,10 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> t
     key = (x.shape[0], x.shape[1], weight.shape[0], *x.shape[2:])
     choice = WEIGHT_GRAD_CHOICES.get(key)
     if choice is None:
-        t_onednn, out = _timed(lambda: _onednn_weight_grad(grad, x, weight))
-        t_slabs, _ = _timed(lambda: slab_weight_grad(grad, x, weight))
+        t_onednn, onednn = _timed(lambda: _onednn_weight_grad(grad, x, weight))
+        t_slabs, slabs = _timed(lambda: slab_weight_grad(grad, x, weight))
         choice = WEIGHT_GRAD_CHOICES[key] = "slabs" if t_slabs < 0.9 * t_onednn else "onednn"
-        return out if choice == "onednn" else slab_weight_grad(grad, x, weight)
+        return slabs if choice == "slabs" else onednn
     return slab_weight_grad(grad, x, weight) if choice == "slabs" else _onednn_weight_grad(grad, x, weight)
 
 
@@ -140,8 +146,7 @@ class _Conv3x3x3(torch.autograd.Function):
         grad = grad.contiguous(memory_format=_CL)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1, 1], [1, 1, 1], [1, 1, 1],
-                                                         False, [0, 0, 0], 1, [True, False, False])[0]
+            grad_x = _backward(grad, x, weight, [1, 1, 1], want_input=True)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(grad, x, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
