@@ -11,7 +11,15 @@ import pytest
 from official_fixture import SHARED, require_shared
 from unetrpp.cli.main import main
 from unetrpp.data.layout import Dataset, load_splits
-from unetrpp.data.plan import auto_patch_size, load_plans, plan_dataset, plans_id, target_spacing_for
+from unetrpp.data.plan import (
+    load_plans,
+    plan_dataset,
+    plan_patch_size,
+    plans_id,
+    stem_stride_for,
+    target_spacing_for,
+)
+from unetrpp.data.plans import Plans
 from unetrpp.data.preprocess import (
     class_locations,
     is_done,
@@ -24,7 +32,7 @@ from unetrpp.data.preprocess import (
 )
 from unetrpp.data.resample import anisotropic_axis, new_shape_for, nonzero_bbox, resample_label
 from unetrpp.io import Geometry, read_image
-from volumes import GEOMETRIES, make_v2_dataset
+from volumes import GEOMETRIES, make_v2_dataset, plans_for
 
 HIPPOCAMPUS = SHARED / "data" / "hippocampus"
 ABDOMEN = SHARED / "data" / "abdomen_ct"
@@ -51,28 +59,61 @@ def test_target_spacing_anisotropic_rule():
     assert target_spacing_for(sp2, np.array([[10, 300, 300]] * 10))[0] == pytest.approx(2.0)
 
 
-def test_auto_patch_size():
-    assert auto_patch_size((36, 50, 35), (1, 1, 1), (16, 32, 32)) == [48, 64, 64]
-    p = auto_patch_size((140, 600, 600), (2.5, 0.8, 0.8), (16, 32, 32), max_voxels=64 * 128 * 128)
+def test_plan_patch_size():
+    # rounded up unless that pads by more than 60 %: 36 -> 32, 50 -> 64, 35 -> 32
+    assert plan_patch_size((36, 50, 35), (1, 1, 1), (32, 32, 32)) == [32, 64, 32]
+    assert plan_patch_size((36, 50, 35), (1, 1, 1), (16, 32, 32)) == [48, 64, 32]
+    p = plan_patch_size((140, 600, 600), (2.5, 0.8, 0.8), (16, 32, 32), max_voxels=64 * 128 * 128)
     assert np.prod(p) <= 64 * 128 * 128 and all(v % d == 0 for v, d in zip(p, (16, 32, 32), strict=True))
     assert p == [48, 128, 160]  # shrunk on the physically longest axis each time: 120 x 102 x 128 mm
-    assert auto_patch_size((3, 3, 3), (1, 1, 1), (16, 32, 32)) == [16, 32, 32]
+    assert plan_patch_size((3, 3, 3), (1, 1, 1), (16, 32, 32)) == [16, 32, 32]
+    # the token budget: a cardiac cine MRI (10 x 256 x 216 at 10 x 1.56 x 1.56 mm) stays near the paper's size
+    p = plan_patch_size((10, 256, 216), (10, 1.56, 1.56), (8, 32, 32), max_tokens=32768, stem_stride=(1, 4, 4))
+    assert p == [16, 160, 192] and 16 * 40 * 48 <= 32768
+
+
+def test_stem_stride_follows_the_spacing():
+    assert stem_stride_for((1.5, 0.76, 0.76), (148, 512, 512)) == [2, 4, 4]  # Synapse: the official stem
+    assert stem_stride_for((10, 1.56, 1.56), (10, 256, 216)) == [1, 4, 4]  # ACDC
+    assert stem_stride_for((1, 1, 1), (138, 170, 138)) == [4, 4, 4]  # BraTS
+    assert stem_stride_for((1, 1, 1), (12, 50, 50)) == [2, 4, 4]  # 12 slices: too few for 32, enough for 16
+    assert stem_stride_for((1, 1, 1), (6, 50, 50)) == [1, 4, 4]  # 6 slices: 8 at most
+
+
+def test_plans_round_trip_as_a_typed_object(tmp_path):
+    root = make_v2_dataset(tmp_path / "mr", cases=3, channels=2)
+    plans = plan_dataset(root)
+    assert isinstance(plans, Plans) and plans.preset is None and plans.decisions
+    again = load_plans(root)
+    assert again == plans and Plans.from_dict(plans.to_dict()) == plans
+    cfg = plans.network_config()
+    assert list(cfg.img_size) == plans.patch_size and cfg.in_channels == 2 and cfg.out_channels == 3
+    assert [s * 8 for s in cfg.stem_stride] == plans.patch_divisor
+    with pytest.raises(ValueError, match=r"img_size .* differs from patch_size"):
+        Plans.from_dict({**plans.to_dict(), "patch_size": [p * 2 for p in plans.patch_size]})
+    with pytest.raises(ValueError, match="missing target_spacing"):
+        Plans.from_dict({k: v for k, v in plans.to_dict().items() if k != "target_spacing"})
+    with pytest.raises(ValueError, match="newer than this unetrpp"):
+        Plans.from_dict({**plans.to_dict(), "version": 99})
+    syn = plan_dataset(root, preset="synapse")
+    assert syn.preset == "synapse" and syn.network_config().stem_stride == (2, 4, 4)
+    assert syn.patch_size == [64, 128, 128] and syn.batch_dice
 
 
 def test_plan_normalisation_schemes(tmp_path):
     root = make_v2_dataset(tmp_path / "ct", cases=3, channels=1)
     meta = (root / "dataset.json").read_text().replace('"MR0"', '"CT"')
     (root / "dataset.json").write_text(meta)
-    plans = plan_dataset(root, divisor=(4, 8, 8))
-    (n,) = plans["normalization"]
+    plans = plan_dataset(root)
+    (n,) = plans.normalization
     assert n["scheme"] == "ct" and n["clip"][0] < n["mean"] < n["clip"][1]
-    assert plans["patch_size"] == [12, 16, 16]
-    assert plans["target_spacing"] == pytest.approx(GEOMETRIES["lps"].spacing_zyx)
-    assert (root / "fingerprint.json").exists() and load_plans(root)["num_classes"] == 3
+    assert all(p % d == 0 for p, d in zip(plans.patch_size, plans.patch_divisor, strict=True))
+    assert plans.target_spacing == pytest.approx(GEOMETRIES["lps"].spacing_zyx)
+    assert (root / "fingerprint.json").exists() and load_plans(root).num_classes == 3
     mr = make_v2_dataset(tmp_path / "mr", cases=2, channels=2)
     plans = plan_dataset(mr, patch_size=(16, 32, 32))
-    assert [n["scheme"] for n in plans["normalization"]] == ["zscore", "zscore"]
-    assert plans["patch_size"] == [16, 32, 32]
+    assert [n["scheme"] for n in plans.normalization] == ["zscore", "zscore"]
+    assert plans.patch_size == [16, 32, 32]
     with pytest.raises(ValueError, match="not divisible"):
         plan_dataset(mr, patch_size=(12, 32, 32))
 
@@ -81,10 +122,10 @@ def test_normalize():
     rng = np.random.default_rng(0)
     data = rng.normal(300, 50, (2, 6, 7, 8)).astype(np.float32)
     data[:, :, :, :2] = 0  # a zero border in every channel (e.g. skull-stripped MRI)
-    plans = {"normalization": [
+    plans = plans_for([
         {"scheme": "ct", "clip": [250.0, 350.0], "mean": 300.0, "std": 25.0},
         {"scheme": "zscore", "use_nonzero_mask": True},
-    ]}  # fmt: skip
+    ])  # fmt: skip
     expect0 = (np.clip(data[0], 250, 350) - 300) / 25
     inside = data[1][:, :, 2:]
     expect1 = (inside - inside.mean()) / inside.std()
@@ -152,7 +193,7 @@ def test_preprocess_dataset_skips_done_and_recovers_interrupted(tmp_path, capsys
     assert s == {"cases": 3, "processed": 1, "skipped": 2, "out": str(out)}
     assert not [f for f in os.listdir(out) if "partial" in f]
     # different plans: everything is redone
-    plans["target_spacing"] = [5.0, 1.5, 1.6]
+    plans.target_spacing = [5.0, 1.5, 1.6]
     assert preprocess_dataset(root, plans=plans, workers=1)["processed"] == 3
 
 
@@ -164,8 +205,7 @@ def test_preprocess_undo_on_an_oblique_anisotropic_case():
     seg = np.zeros(img.shape, np.uint8)
     seg[3:9, 10:30, 8:28] = 1
     seg[6:12, 15:25, 12:20] = 2
-    plans = {"normalization": [{"scheme": "zscore"}], "target_spacing": [2.0, 1.0, 1.0],
-             "resampling": {"image_order": 3, "label_order": 1}}  # fmt: skip
+    plans = plans_for([{"scheme": "zscore"}], target_spacing=(2.0, 1.0, 1.0))
     data, s, props = preprocess_array(img, g, plans, seg)
     assert props["bbox"] == [[0, 14], [3, 40], [0, 36]]
     assert data.shape[1:] == s.shape == (28, 41, 32)
@@ -193,9 +233,10 @@ def test_hippocampus_converts_checks_plans_preprocesses(tmp_path):
     assert ds.num_training == 260 and ds.labels == {"background": 0, "Anterior": 1, "Posterior": 2}
     assert check_dataset(out, workers=2) == []
     plans = plan_dataset(out, workers=2)
-    assert plans["target_spacing"] == [1.0, 1.0, 1.0]
-    assert plans["normalization"] == [{"channel": "MRI", "scheme": "zscore", "use_nonzero_mask": False}]
-    assert plans["patch_size"] == [48, 64, 64]  # median (36, 50, 35) rounded up to the strides (16, 32, 32)
+    assert plans.target_spacing == [1.0, 1.0, 1.0]
+    assert plans.normalization == [{"channel": "MRI", "scheme": "zscore", "use_nonzero_mask": False}]
+    assert plans.network["stem_stride"] == [4, 4, 4]  # 1 mm isotropic: the BraTS stem
+    assert plans.patch_size == [32, 64, 32]  # median (36, 50, 35) in multiples of 32, up where it pads < 60 %
     s = preprocess_dataset(out, workers=2)
     assert s["processed"] == 260
     # the two float32 label files (003, 243) come out as integer labels 0/1/2, the images z-scored
@@ -228,17 +269,17 @@ def test_abdominal_ct_keeps_its_geometry_through_preprocess_and_undo(tmp_path):
     ds = _abdomen_dataset(tmp_path)
     img, geometry = read_image(ds / "imagesTr" / "abd_0000.nii.gz")
     lab, _ = read_image(ds / "labelsTr" / "abd.nii.gz")
-    plans = plan_dataset(ds, divisor=(16, 32, 32))
-    (n,) = plans["normalization"]
+    plans = plan_dataset(ds)
+    (n,) = plans.normalization
     assert n["scheme"] == "ct" and -200 < n["clip"][0] < n["mean"] < n["clip"][1] < 400  # soft-tissue HU
-    assert plans["target_spacing"] == pytest.approx([3.0, 3.0, 3.0])
+    assert plans.target_spacing == pytest.approx([3.0, 3.0, 3.0])
     preprocess_dataset(ds, workers=1)
     _data, seg, _, props = load_case(ds / "preprocessed", "abd")
     assert Geometry.from_json(props["geometry"]) == geometry
     # no resampling at 3 mm: the undo gives the labels back exactly
     np.testing.assert_array_equal(restore_label(np.asarray(seg), props), lab)
     # resampled to another grid and back: same grid as the input, labels nearly the same
-    plans["target_spacing"] = [4.5, 1.8, 2.2]
+    plans.target_spacing = [4.5, 1.8, 2.2]
     _data2, seg2, props2 = preprocess_array(img, geometry, plans, lab)
     assert seg2.shape == (20, 168, 166) and set(np.unique(seg2)) <= set(np.unique(lab))
     back = restore_label(seg2, props2)

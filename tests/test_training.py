@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from unetrpp.checkpoint import load_checkpoint, save_checkpoint
+from unetrpp.cli.main import main
 from unetrpp.data.phantom import make_phantom_dataset
-from unetrpp.data.plan import plan_dataset
+from unetrpp.data.plan import load_plans, plan_dataset
 from unetrpp.data.preprocess import preprocess_dataset
 from unetrpp.training.config import TrainConfig
-from unetrpp.training.trainer import Trainer, poly_lr, split_batch
+from unetrpp.training.trainer import Trainer, TrainingInterrupted, poly_lr, split_batch
 
 TINY = {"feature_size": 8, "depths": [1, 1, 1, 1], "decoder_depths": [1, 1, 1], "proj_size": [16, 16, 16, 8],
         "decoder_proj_size": 16}  # fmt: skip
@@ -35,7 +36,7 @@ RUN = textwrap.dedent("""
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantom") / "ds"
     make_phantom_dataset(root, cases=4, seed=5)
-    plan_dataset(root, patch_size=(16, 32, 32))
+    plan_dataset(root, patch_size=(16, 32, 32), preset="synapse")
     preprocess_dataset(root, workers=1)
     return root
 
@@ -124,7 +125,11 @@ def test_checkpoint_holds_no_code_and_loads_with_weights_only(dataset, tmp_path)
                       echo=False).run()
     ckpt = torch.load(tmp_path / "checkpoint_final.pt", weights_only=True)
     assert ckpt["model_config"]["feature_size"] == 8 and ckpt["plans"]["patch_size"] == [16, 32, 32]
-    assert set(ckpt) >= {"optimizer", "rng", "train_config", "labels", "history"}
+    assert ckpt["plans"]["network"] == ckpt["model_config"]
+    # the final checkpoint holds what prediction needs, no optimizer state; latest can resume
+    assert set(ckpt) >= {"train_config", "labels", "history"} and not set(ckpt) & {"optimizer", "rng", "scaler"}
+    assert set(torch.load(tmp_path / "checkpoint_latest.pt", weights_only=True)) >= {"optimizer", "rng"}
+    assert "checkpoint_final.pt (" in (tmp_path / "log.txt").read_text()
     assert json.loads((tmp_path / "train_config.json").read_text())["model_overrides"] == TINY
     assert (tmp_path / "progress.png").read_bytes()[:4] == b"\x89PNG"
     val = json.loads((tmp_path / "validation" / "summary.json").read_text())
@@ -155,3 +160,81 @@ def test_two_process_gloo_run_trains_and_only_rank0_writes(dataset, tmp_path):
     assert len(list(csv.DictReader((out / "progress.csv").open()))) == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
     assert (out / "validation" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------- plans, budget, progress, checkpoints
+def test_train_refuses_a_preset_that_contradicts_the_plans(dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"--preset acdc contradicts .*plans.json \(preset synapse\)"):
+        Trainer(dataset, _config(preset="acdc"), out_dir=tmp_path, progress=False, echo=False)
+    assert main(["train", str(dataset), "--preset", "acdc", "-o", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_plans_network_is_what_trains(dataset, tmp_path):
+    t = Trainer(dataset, _config(preset=None, model_overrides={}), out_dir=tmp_path, progress=False, echo=False)
+    plans = load_plans(dataset)
+    assert t.model_config == plans.network and t.patch == plans.patch_size == [16, 32, 32]
+
+
+class _StopAfter(Trainer):
+    """Asks for a stop (as SIGTERM does) after ``n`` training forwards."""
+
+    stop_after = 3
+
+    def build_model(self):
+        model = super().build_model()
+        count = [0]
+
+        def hook(module, args, out):
+            if module.training:
+                count[0] += 1
+                if count[0] == self.stop_after:
+                    self.request_stop("SIGTERM")
+
+        model.register_forward_hook(hook)
+        return model
+
+
+def test_stop_mid_epoch_saves_a_checkpoint_and_resume_is_exact(dataset, tmp_path):
+    cfg = _config(epochs=2, iters_per_epoch=5)
+    Trainer(dataset, cfg, out_dir=tmp_path / "a", progress=False, echo=False).run()
+    with pytest.raises(TrainingInterrupted, match="at epoch 0 iteration 3; continue with --resume"):
+        _StopAfter(dataset, cfg, out_dir=tmp_path / "b", progress=False, echo=False).run()
+    saved = load_checkpoint(tmp_path / "b" / "checkpoint_latest.pt")
+    assert (saved["epoch"], saved["iteration"]) == (0, 3) and "optimizer" in saved
+    Trainer(dataset, cfg, out_dir=tmp_path / "b", progress=False, echo=False).run(resume=True)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint_final.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint_final.pt")
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert "resumed from" in (tmp_path / "b" / "log.txt").read_text()
+
+
+def test_progress_lines_and_mid_epoch_checkpoints_in_a_plain_log(dataset, tmp_path):
+    cfg = _config(epochs=1, iters_per_epoch=6, log_every_s=1e-3, checkpoint_every_min=1e-5)
+    Trainer(dataset, cfg, out_dir=tmp_path, progress=False, echo=False).run()
+    log = (tmp_path / "log.txt").read_text()
+    lines = [line for line in log.splitlines() if "it/s" in line]
+    assert len(lines) >= 5 and "epoch 0 iteration 6/6: loss" in log and "epoch ETA" in lines[0]
+    assert log.count("checkpoint_latest.pt written at epoch 0 iteration") == 5  # iterations 1..5, not the last
+
+
+def test_a_time_budget_covers_the_whole_job(dataset, tmp_path):
+    budget_min = 0.75
+    t0 = time.perf_counter()
+    cfg = _config(epochs=1000, iters_per_epoch=250, val_iters=50, time_budget_min=budget_min,
+                  final_validation=True, model_overrides={})
+    summary = Trainer(dataset, cfg, out_dir=tmp_path, progress=False, echo=False).run()
+    wall = time.perf_counter() - t0
+    assert wall <= 60 * budget_min * 1.05, wall
+    saved = TrainConfig.from_json(json.loads((tmp_path / "train_config.json").read_text()))
+    # short: the short-run recipe, with what it measured and chose said in the log and the config
+    assert saved.recipe == "short" and saved.optimizer == "adamw" and saved.lr == pytest.approx(3e-3)
+    assert any(n.startswith("measured: width") for n in saved.recipe_notes)
+    # epochs of about a minute of steps, a tenth as many validation batches (not the paper's 250 + 50)
+    assert 10 <= saved.iters_per_epoch <= 250 and saved.val_iters == max(2, saved.iters_per_epoch // 10)
+    assert summary["iterations"] >= 1
+    log = (tmp_path / "log.txt").read_text()
+    assert "final validation planned:" in log and "short run (" in log
+    assert "validation" in summary

@@ -82,3 +82,15 @@ def make_v2_dataset(root: Path, cases: int = 3, channels: int = 1, shape=(12, 16
         write_image(lab, geometry, root / "labelsTr" / f"{name}.nii.gz")
     write_dataset_json(root, [f"MR{c}" for c in range(channels)], labels, cases)
     return root
+
+
+def plans_for(normalization, target_spacing=(2.0, 1.0, 1.0), labels=None, patch=(16, 32, 32), channels=None):
+    """A :class:`unetrpp.data.plans.Plans` with just what a preprocessing test sets (the network: synapse's)."""
+    from unetrpp.data.plans import Plans
+
+    labels = labels or {"background": 0, "a": 1, "b": 2}
+    channels = channels or [n.get("channel", f"ch{i}") for i, n in enumerate(normalization)]
+    return Plans.from_dict({"dataset": "test", "target_spacing": list(target_spacing), "patch_size": list(patch),
+                            "channel_names": channels, "labels": labels, "normalization": normalization,
+                            "resampling": {"image_order": 3, "label_order": 1, "anisotropy_threshold": 3,
+                                           "low_resolution_axis_order": 0}})

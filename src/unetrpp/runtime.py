@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import time
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -35,3 +37,41 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(ok)
 
+
+
+def idle_cores(sample_s: float = 0.5) -> float | None:
+    """Cores left idle by every other process over ``sample_s`` seconds (Linux ``/proc/stat``; None elsewhere)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return idle, sum(fields[:8])
+
+    try:
+        i0, t0 = read()
+        time.sleep(sample_s)
+        i1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores * (i1 - i0) / (t1 - t0)
+
+
+def fit_cpu_threads() -> tuple[int, str]:
+    """Use only the cores other processes leave free: on a busy machine a thread waiting for a core
+    holds every parallel op back to its pace. Returns the thread count and why."""
+    import torch
+
+    have = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return have, f"{have} thread(s) (OMP_NUM_THREADS)"
+    idle = idle_cores()
+    if idle is None:
+        return have, f"{have} thread(s)"
+    use = max(1, min(have, int(idle + 0.35)))
+    if use < have:
+        torch.set_num_threads(use)
+        return use, f"{use} thread(s): {have - use} of {have} core(s) are busy with other work"
+    return have, f"{have} thread(s)"

@@ -8,9 +8,11 @@ def add_parser(sub) -> None:
         "plan", help="fingerprint a dataset and write plans.json",
         description="Compute the dataset fingerprint (spacings, shapes, foreground intensity statistics) and "
                     "write DATASET/fingerprint.json and DATASET/plans.json: target spacing, per-channel "
-                    "normalisation, patch size and batch size. Creates splits.json (5-fold) if absent.")
+                    "normalisation, the network (stem stride, patch size, every constructor "
+                    "argument) and batch size. Creates splits.json (5-fold) if absent.")
     p.add_argument("dataset", help="dataset folder (with dataset.json)")
-    p.add_argument("--preset", help="take patch size, strides and batch size from this network preset")
+    p.add_argument("--preset", help="use this network preset (its blocks, strides, patch and batch) instead of "
+                                    "planning the network from the data")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"),
                    help="patch size (default: the preset's, else chosen from the median shape)")
     p.add_argument("--spacing", nargs=3, type=float, metavar=("Z", "Y", "X"),
@@ -26,23 +28,28 @@ def run(args) -> int:
     from ..data.layout import load_splits
     from ..data.plan import plan_dataset
 
-    divisor, patch, batch = (16, 32, 32), args.patch_size, args.batch_size or 2
-    if args.preset:
-        from ..network.presets import get_preset
-
-        preset = get_preset(args.preset)
-        config = preset.config()
-        divisor = tuple(int(s) * 8 for s in config.stem_stride)
-        patch = patch or tuple(config.img_size)
-        batch = args.batch_size or preset.batch_size
-    plans = plan_dataset(args.dataset, patch_size=patch, divisor=divisor, batch_size=batch, preset=args.preset,
+    plans = plan_dataset(args.dataset, patch_size=args.patch_size, batch_size=args.batch_size, preset=args.preset,
                          workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)
     load_splits(args.dataset)
-    norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans["normalization"])
-    print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans['target_spacing'])} mm (z, y, x), "
-          f"median shape {_mm(plans['median_shape_after_resampling'])}, patch {tuple(plans['patch_size'])}, "
-          f"batch {plans['batch_size']}, normalisation {norm}")
+    cfg = plans.network_config()
+    from ..network.unetrpp import UNETRPP
+
+    with _meta_device():
+        params = sum(p.numel() for p in UNETRPP(**cfg.to_dict()).parameters())
+    norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans.normalization)
+    print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans.target_spacing)} mm (z, y, x), "
+          f"median shape {_mm(plans.median_shape_after_resampling)}, patch {tuple(plans.patch_size)}, "
+          f"batch {plans.batch_size}, normalisation {norm}; network: stem stride {tuple(cfg.stem_stride)}, "
+          f"feature size {cfg.feature_size}, {params / 1e6:.1f} M parameters")
+    for line in plans.decisions:
+        print(f"  {line}")
     return 0
+
+
+def _meta_device():
+    import torch
+
+    return torch.device("meta")
 
 
 def _mm(v) -> str:

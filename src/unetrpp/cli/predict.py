@@ -77,6 +77,35 @@ def find_cases(path: Path, channels: int) -> list[tuple[str, list[Path], str]]:
     return cases
 
 
+def _same(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file or folder (symlinks and hard links included)."""
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(inp: Path, out: Path, targets=()) -> None:
+    """One-line error when the output (folder or file) is the input, or any output file is an input file."""
+    if _same(inp, out):
+        raise ValueError(f"{out}: the output is the input; give another output file or folder")
+    inputs = [f for _, files, _ in targets for f in files]
+    for _, _, outputs in targets:
+        for o in outputs:
+            for f in inputs:
+                if _same(o, f):
+                    raise ValueError(f"{o}: this output would replace the input {f}; give another output folder")
+
+
+def outputs_of(target: Path, save_probabilities: bool, preview: bool) -> list[Path]:
+    """Every file a case's prediction writes: the label map, and the .npz / .png when asked for."""
+    from ..io import split_ending
+
+    stem = split_ending(target.name)[0]
+    extra = [f"{stem}.npz"] * save_probabilities + [f"{stem}.png"] * preview
+    return [target, *(target.with_name(e) for e in extra)]
+
+
 def run(args) -> int:
     import sys
     import time
@@ -87,15 +116,19 @@ def run(args) -> int:
     from ..io import FILE_ENDINGS, read_case, split_ending, write_image
     from ..io.jsonio import atomic_write
 
+    inp, out = Path(args.input), Path(args.output)
+    refuse_overwriting_inputs(inp, out)  # before the checkpoint is loaded
     predictor = Predictor.from_checkpoint(args.model, device=args.device, step=args.step, tta=not args.no_tta,
                                           batch=args.batch, progress=sys.stderr.isatty())
-    inp, out = Path(args.input), Path(args.output)
     cases = find_cases(inp, predictor.num_channels)
     single_file_out = split_ending(out.name)[1] in FILE_ENDINGS
     if single_file_out and len(cases) > 1:
         raise ValueError(f"{out}: {len(cases)} cases to write; give an output folder")
     targets = [(c, files, out if single_file_out else out / f"{c}{ending}") for c, files, ending in cases]
-    todo = [t for t in targets if args.overwrite or not t[2].exists()]
+    outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview) for t in targets}
+    refuse_overwriting_inputs(inp, out, [(c, files, outputs[t]) for c, files, t in targets])
+    # a case is done only when every output asked for exists (a rerun with --preview adds the .png)
+    todo = [t for t in targets if args.overwrite or not all(o.exists() for o in outputs[t[2]])]
     names = {v: k for k, v in predictor.labels.items()}
     bar = None
     if sys.stderr.isatty() and len(todo) > 1:

@@ -7,10 +7,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from ..io import ImageReadError, read_image, read_json
+from ..io import ImageReadError, NonFiniteError, read_image, read_json
 from .layout import _CHANNEL_RE, Case, Dataset, validate_dataset_json
+from .validate import label_problem
 
 
 @dataclass(frozen=True)
@@ -22,15 +21,8 @@ class Problem:
         return f"{self.case}: {self.message}"
 
 
-def _nonfinite(path: Path, array: np.ndarray) -> int:
-    """NaN/inf voxels of a float volume. ITK's NIfTI reader turns NaN into 0, so NIfTI data is read raw."""
-    if not np.issubdtype(array.dtype, np.floating):
-        return 0
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        import nibabel
-
-        array = np.asanyarray(nibabel.load(path).dataobj)
-    return int(array.size - np.count_nonzero(np.isfinite(array)))
+def _reason(e: ImageReadError, path: Path) -> str:
+    return str(e).removeprefix(f"{path}: ")
 
 
 def _check_case(case: Case, num_channels: int, label_values: list[int]) -> list[Problem]:
@@ -46,15 +38,15 @@ def _check_case(case: Case, num_channels: int, label_values: list[int]) -> list[
             continue
         try:
             array, geometry = read_image(path)
+        except NonFiniteError as e:  # raw voxels: ITK would have read them as 0
+            add(f"{path.name} has {_reason(e, path)}")
+            continue
         except ImageReadError as e:
-            add(f"unreadable image {path.name}: {str(e).split(': ', 1)[-1]}")
+            add(f"unreadable image {path.name}: {_reason(e, path)}")
             continue
         if array.ndim != 3:
             add(f"{path.name} is {array.ndim}D with shape {array.shape}; each channel file must be 3D")
             continue
-        bad = _nonfinite(path, array)
-        if bad:
-            add(f"{path.name} has {bad} NaN/inf voxels")
         if reference is None:
             reference = (array.shape, geometry, path.name)
         else:
@@ -69,23 +61,17 @@ def _check_case(case: Case, num_channels: int, label_values: list[int]) -> list[
         return out
     try:
         label, lgeom = read_image(case.label)
+    except NonFiniteError as e:
+        add(f"label {case.label.name} has {_reason(e, case.label)}")
+        return out
     except ImageReadError as e:
-        add(f"unreadable label {case.label.name}: {str(e).split(': ', 1)[-1]}")
+        add(f"unreadable label {case.label.name}: {_reason(e, case.label)}")
         return out
     if label.ndim != 3:
         add(f"label {case.label.name} is {label.ndim}D with shape {label.shape}; labels must be 3D")
         return out
-    if np.issubdtype(label.dtype, np.floating):
-        if _nonfinite(case.label, label):
-            add(f"label {case.label.name} has NaN/inf voxels")
-            return out
-        if not np.array_equal(label, np.round(label)):
-            add(f"label {case.label.name} has non-integer values")
-            return out
-    values = np.unique(label)
-    unknown = sorted(set(values.astype(np.int64).tolist()) - set(label_values))
-    if unknown:
-        add(f"label {case.label.name} has values {unknown[:10]} not declared in dataset.json {label_values}")
+    if problem := label_problem(label, label_values):
+        add(f"label {case.label.name} has {problem}")
     if reference is not None:
         if label.shape != reference[0]:
             add(f"label shape {label.shape} differs from image shape {reference[0]}")

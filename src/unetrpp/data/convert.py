@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..io import read_image, read_json, write_image
 from ..io.jsonio import atomic_write
-from .layout import fixed_split, kfold_splits, write_dataset_json, write_splits
+from .layout import fixed_split, kfold_splits, safe_case_name, write_dataset_json, write_splits
 
 BTCV_LABELS = {
     "background": 0, "spleen": 1, "right kidney": 2, "left kidney": 3, "gallbladder": 4, "esophagus": 5,
@@ -173,8 +173,24 @@ def _msd_image(src: Path, out_dir: Path, case: str, channels: int) -> None:
         write_image(array[c], geometry, out_dir / f"{case}_{c:04d}.nii.gz")
 
 
-def _msd_path(root: Path, entry: str) -> Path:
-    return _need(root / (entry[2:] if entry.startswith("./") else entry))
+def _msd_path(root: Path, entry, where: str) -> Path:
+    """The file a ``dataset.json`` entry names; it must resolve (symlinks followed) inside ``root``."""
+    meta = root / "dataset.json"
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        raise ValueError(f"{meta}: {where}: {entry!r} is not a file path")
+    path = (root / entry).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise ValueError(f"{meta}: {where}: {entry!r} points outside {root}; paths must stay inside the task folder")
+    _need(root / entry)
+    if not path.is_file():
+        raise ValueError(f"{meta}: {where}: {entry!r} is not a file")
+    return path
+
+
+def _case_of(src: Path, entry: str, where: str) -> str:
+    """The case name of an MSD entry: its file name without the NIfTI ending (a symlink keeps the entry's name)."""
+    name = Path(entry).name.removesuffix(".nii.gz").removesuffix(".nii")
+    return safe_case_name(name, f"{src / 'dataset.json'}: {where}")
 
 
 def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1) -> Path:
@@ -191,16 +207,23 @@ def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1
             raise ValueError(f"{src / 'dataset.json'}: label key {k!r} is not an integer")
         name = str(v) if str(v) not in labels else f"{v}_{k}"
         labels[name] = int(k)
+    # every entry is checked before anything is copied
     jobs, train = [], []
-    for item in meta["training"]:
-        img, lab = _msd_path(src, item["image"]), _msd_path(src, item["label"])
-        case = img.name.removesuffix(".nii.gz").removesuffix(".nii")
+    if not isinstance(meta["training"], list) or not isinstance(meta.get("test", []), list):
+        raise ValueError(f"{src / 'dataset.json'}: 'training' and 'test' must be lists")
+    for i, item in enumerate(meta["training"]):
+        if not isinstance(item, dict) or not {"image", "label"} <= set(item):
+            raise ValueError(f"{src / 'dataset.json'}: training[{i}] must be {{'image': ..., 'label': ...}}")
+        img = _msd_path(src, item["image"], f"training[{i}].image")
+        lab = _msd_path(src, item["label"], f"training[{i}].label")
+        case = _case_of(src, item["image"], f"training[{i}].image")
         train.append(case)
         jobs.append((_msd_image, (img, dst / "imagesTr", case, len(channels))))
         jobs.append((copy_atomic, (lab, dst / "labelsTr" / f"{case}.nii.gz")))
-    for entry in meta.get("test", []):
-        img = _msd_path(src, entry if isinstance(entry, str) else entry["image"])
-        case = img.name.removesuffix(".nii.gz").removesuffix(".nii")
+    for i, entry in enumerate(meta.get("test", [])):
+        entry = entry.get("image") if isinstance(entry, dict) else entry
+        img = _msd_path(src, entry, f"test[{i}]")
+        case = _case_of(src, entry, f"test[{i}]")
         jobs.append((_msd_image, (img, dst / "imagesTs", case, len(channels))))
     if len(set(train)) != len(train):
         raise ValueError(f"{src / 'dataset.json'}: a case is listed twice in 'training'")

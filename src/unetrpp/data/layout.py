@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -30,11 +30,13 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its channel files in channel order, and its label file (None for test cases)."""
+    """One case: its channel files in channel order, its label file (None for test cases), and the
+    label values its dataset declares (None when not known)."""
 
     name: str
     images: tuple[Path, ...]
     label: Path | None = None
+    label_values: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -105,7 +107,7 @@ class Dataset:
         for n in sorted(names):
             images = tuple(img_root / f"{n}_{c:04d}{self.file_ending}" for c in range(self.num_channels))
             label = self.root / labels_dir / f"{n}{self.file_ending}" if labels_dir else None
-            cases.append(Case(n, images, label))
+            cases.append(Case(n, images, label, tuple(self.label_values)))
         return cases
 
     def training_cases(self) -> list[Case]:
@@ -118,7 +120,7 @@ class Dataset:
         out = []
         for c in cases:
             lab = self.root / "labelsTs" / f"{c.name}{self.file_ending}"
-            out.append(Case(c.name, c.images, lab if lab.exists() else None))
+            out.append(Case(c.name, c.images, lab if lab.exists() else None, c.label_values))
         return out
 
     def case(self, name: str) -> Case:
@@ -233,13 +235,43 @@ def write_splits(root: str | os.PathLike, splits: list[dict[str, list[str]]]) ->
     return write_json(splits, Path(root) / "splits.json")
 
 
+def safe_case_name(name, source: str | os.PathLike) -> str:
+    """``name`` when it is a plain case name (a file name stem: no folder, no ``..``); else a one-line
+    ValueError naming ``source``, where the name came from. Every case name that becomes a path passes here."""
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or os.path.isabs(name)
+        or PureWindowsPath(name).drive
+    ):
+        raise ValueError(f"{source}: case name {name!r} is not a plain name (no folders, '..', or absolute paths)")
+    return name
+
+
+def _check_splits(path: Path, splits, cases: set[str]) -> None:
+    if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
+        raise ValueError(f"{path}: must be a list of {{'train': [...], 'val': [...]}} folds")
+    for i, fold in enumerate(splits):
+        for key in ("train", "val"):
+            if not isinstance(fold[key], list):
+                raise ValueError(f"{path}: fold {i} {key!r} must be a list of case names")
+            for name in fold[key]:
+                safe_case_name(name, f"{path}: fold {i} {key!r}")
+                if name not in cases:
+                    raise ValueError(f"{path}: fold {i} {key!r}: case {name!r} is not a training case of the dataset")
+
+
 def load_splits(root: str | os.PathLike, create: bool = True) -> list[dict[str, list[str]]]:
-    """``splits.json`` of a dataset; made (5-fold CV over the training cases) when absent and ``create``."""
+    """``splits.json`` of a dataset; made (5-fold CV over the training cases) when absent and ``create``.
+
+    Every name in it must be a plain name of one of the dataset's training cases.
+    """
     path = Path(root) / "splits.json"
     if path.exists():
         splits = read_json(path)
-        if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
-            raise ValueError(f"{path}: must be a list of {{'train': [...], 'val': [...]}} folds")
+        _check_splits(path, splits, {c.name for c in Dataset.open(root).training_cases()})
         return splits
     if not create:
         raise FileNotFoundError(f"{path}: no such file")

@@ -10,17 +10,25 @@ derive dataset-wide intensity statistics. The plans decide, in a readable JSON:
 * normalisation per channel: ``ct`` (clip to the dataset's foreground 0.5/99.5 percentiles, then
   z-score with the foreground mean and sd) for channels named CT; ``zscore`` per image otherwise,
   inside the nonzero mask when cropping to it removes at least a quarter of the volume;
-* patch size: a preset's, or the median resampled shape rounded up to what the network strides
-  divide, shrunk on its physically longest axis until it fits a voxel budget;
-* batch size.
+* the network (``plans.network``, every UNETR++ constructor argument): with ``--preset``, that
+  preset's; otherwise the Synapse preset's blocks with a stem stride per axis from the spacing
+  (about isotropic tokens at 4x the finest spacing: ``stem_stride_for``);
+* patch size: a preset's, or the median resampled shape rounded to what the network strides
+  divide (up when that pads by < 60 %), shrunk on its physically longest axis until it fits a
+  voxel budget (64 x 128 x 128) and a first-stage token budget (32^3, the paper's): positional
+  embeddings and token projections grow with the tokens, so the network stays near the paper's
+  size whatever the data;
+* batch size (2, or the preset's).
+
+``plans.decisions`` lists each decision in a sentence; ``unetrpp plan`` prints them.
 
 All shapes, spacings and patch sizes are in array order ``(z, y, x)``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,20 +36,30 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_case, read_image, read_json, write_json
+from ..io import read_case, read_image, write_json
 from .check import with_progress as _progress
 from .layout import Case, Dataset
+from .plans import Plans
 from .resample import ANISOTROPY_THRESHOLD, nonzero_bbox
 
-PLANS_VERSION = 1
 SAMPLES_PER_CASE = 10_000
 #: Default patch-size budget: the voxels of the Synapse patch, 64 x 128 x 128.
 DEFAULT_PATCH_VOXELS = 64 * 128 * 128
+#: First-stage tokens of the paper's Synapse network (32 x 32 x 32): positional embeddings and the
+#: K/V token projections grow with this, so bounding it keeps the network near the paper's size.
+MAX_STAGE1_TOKENS = 32 * 32 * 32
+#: An axis is rounded up to the network's multiple unless that pads it by more than this factor.
+ROUND_UP_LIMIT = 1.6
+#: The preset whose blocks an automatically planned network uses (only the stem and patch change).
+AUTO_BLOCKS = "synapse"
 
 
 def _fingerprint_case(case: Case, seed: int) -> dict:
+    from .validate import check_case_label
+
     data, geometry = read_case(case.images)
     label, _ = read_image(case.label)
+    check_case_label(case, label)  # values dataset.json does not declare: one line naming the file
     if label.shape != data.shape[1:]:
         raise ValueError(f"{case.label}: label shape {label.shape} differs from image shape {data.shape[1:]}")
     bbox = nonzero_bbox(data)
@@ -107,15 +125,52 @@ def target_spacing_for(spacings: np.ndarray, shapes: np.ndarray) -> list[float]:
     return [float(v) for v in target]
 
 
-def auto_patch_size(
+def stem_stride_for(spacing: Sequence[float], median_shape: Sequence[float]) -> list[int]:
+    """Per-axis stem stride (1, 2 or 4) giving roughly isotropic tokens at 4x the finest spacing.
+
+    An axis ``r`` times coarser than the finest one gets ``4 / 2**round(log2 r)`` (Synapse 1.5 x 0.76
+    x 0.76 mm: (2, 4, 4); ACDC 10 x 1.56 x 1.56 mm: (1, 4, 4); BraTS 1 mm: (4, 4, 4), as the official
+    presets), halved again while the axis is too short to hold ``8 x stride`` voxels.
+    """
+    finest = min(spacing)
+    out = []
+    for s, m in zip(spacing, median_shape, strict=True):
+        k = 4 / 2 ** max(0, round(math.log2(s / finest)))
+        k = max(1, int(k))
+        while k > 1 and 8 * k > ROUND_UP_LIMIT * max(m, 1):
+            k //= 2
+        out.append(k)
+    return out
+
+
+def _round_axis(m: float, d: int) -> int:
+    """``m`` rounded up to a multiple of ``d`` unless that overshoots by more than ROUND_UP_LIMIT (then nearest)."""
+    up = max(d, math.ceil(m / d) * d)
+    if up <= ROUND_UP_LIMIT * m:
+        return up
+    down = max(d, math.floor(m / d) * d)
+    return down if math.log(up / m) > math.log(m / down) else up
+
+
+def plan_patch_size(
     median_shape: Sequence[float],
     spacing: Sequence[float],
-    divisor: Sequence[int] = (16, 32, 32),
+    divisor: Sequence[int],
     max_voxels: int = DEFAULT_PATCH_VOXELS,
+    max_tokens: int | None = None,
+    stem_stride: Sequence[int] | None = None,
 ) -> list[int]:
-    """The median shape rounded up to multiples of ``divisor``, shrunk until it has at most ``max_voxels``."""
-    patch = [int(np.ceil(max(m, 1) / d) * d) for m, d in zip(median_shape, divisor, strict=True)]
-    while int(np.prod(patch)) > max_voxels:
+    """The median shape rounded to multiples of ``divisor`` (up when it costs < 60 %, else nearest),
+    then shrunk on its physically longest axis until it has at most ``max_voxels`` voxels and at most
+    ``max_tokens`` first-stage tokens (``patch / stem_stride``)."""
+    patch = [_round_axis(max(float(m), 1.0), int(d)) for m, d in zip(median_shape, divisor, strict=True)]
+    stem = list(stem_stride) if stem_stride is not None else [d // 8 for d in divisor]
+
+    def too_big() -> bool:
+        tokens = math.prod(p // k for p, k in zip(patch, stem, strict=True))
+        return math.prod(patch) > max_voxels or (max_tokens is not None and tokens > max_tokens)
+
+    while too_big():
         shrinkable = [a for a in range(3) if patch[a] > divisor[a]]
         if not shrinkable:
             break
@@ -128,31 +183,61 @@ def make_plans(
     dataset: Dataset,
     fingerprint: dict,
     patch_size: Sequence[int] | None = None,
-    divisor: Sequence[int] = (16, 32, 32),
-    batch_size: int = 2,
+    batch_size: int | None = None,
     preset: str | None = None,
     max_patch_voxels: int = DEFAULT_PATCH_VOXELS,
     target_spacing: Sequence[float] | None = None,
-) -> dict:
+) -> Plans:
+    """Plan preprocessing and the network (module docstring); every decision is listed in ``decisions``."""
+    from ..network.presets import get_preset
+
     cases = fingerprint["cases"]
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
     cropped = np.array([c["shape_after_crop"] for c in cases], dtype=np.float64)
     full = np.array([c["shape"] for c in cases], dtype=np.float64)
+    decisions = []
     if target_spacing is not None:
         target = [float(v) for v in target_spacing]
-        if len(target) != 3 or not all(v > 0 for v in target):
+        if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
             raise ValueError(f"target spacing must be 3 positive numbers (z, y, x) in mm, got {target_spacing}")
+        decisions.append(f"target spacing {_fmt(target)} mm: given")
     else:
         target = target_spacing_for(spacings, cropped)
+        decisions.append(f"target spacing {_fmt(target)} mm: the median spacing (nnU-Net's anisotropy rule)")
     resampled = cropped * spacings / np.asarray(target)
     median_shape = [float(v) for v in np.median(resampled, axis=0)]
-    if patch_size is None:
-        patch = auto_patch_size(median_shape, target, divisor, max_patch_voxels)
+    in_ch, n_cls = len(dataset.channel_names), dataset.num_classes
+    if preset is not None:
+        p = get_preset(preset)
+        base = p.config(in_channels=in_ch, out_channels=n_cls)
+        stem = list(base.stem_stride)
+        batch = int(batch_size or p.batch_size)
+        batch_dice = p.batch_dice
+        eval_classes = list(p.eval_classes) if p.eval_classes and n_cls == p.config().out_channels else None
+        decisions.append(f"network: preset {preset} (stem stride {tuple(stem)}, its blocks)")
     else:
+        stem = stem_stride_for(target, median_shape)
+        base = get_preset(AUTO_BLOCKS).config(in_channels=in_ch, out_channels=n_cls, stem_stride=stem,
+                                              attn_dropout=0.1)
+        batch, batch_dice, eval_classes = int(batch_size or 2), False, None
+        decisions.append(f"network: {AUTO_BLOCKS} blocks, stem stride {tuple(stem)} from the spacing "
+                         f"(tokens of about {_fmt([t * k for t, k in zip(target, stem, strict=True)])} mm)")
+    divisor = [int(k) * 8 for k in stem]
+    if patch_size is not None:
         patch = [int(p) for p in patch_size]
-        bad = [a for a in range(3) if patch[a] % divisor[a]]
+        bad = [a for a in range(3) if patch[a] % divisor[a] or patch[a] < 1]
         if bad:
-            raise ValueError(f"patch size {patch} is not divisible by the network strides {list(divisor)}")
+            raise ValueError(f"patch size {patch} is not divisible by the network strides {divisor}")
+        decisions.append(f"patch {tuple(patch)}: given")
+    elif preset is not None and target_spacing is None:
+        patch = list(base.img_size)
+        decisions.append(f"patch {tuple(patch)}: preset {preset}'s")
+    else:
+        patch = plan_patch_size(median_shape, target, divisor, max_patch_voxels, MAX_STAGE1_TOKENS, stem)
+        decisions.append(f"patch {tuple(patch)}: the median shape {_fmt(median_shape)} in multiples of "
+                         f"{tuple(divisor)}, within {max_patch_voxels} voxels and {MAX_STAGE1_TOKENS} first-stage "
+                         "tokens (the paper's Synapse network)")
+    network = dataclasses.replace(base, img_size=tuple(patch)).to_dict()
     # crop to nonzero shrinks the volume by >= 25 % -> MRI z-scores inside the nonzero mask (e.g. skull-stripped)
     crop_ratio = float(np.median(np.prod(cropped, axis=1) / np.prod(full, axis=1)))
     normalization = []
@@ -164,62 +249,47 @@ def make_plans(
             })  # fmt: skip
         else:
             normalization.append({"channel": name, "scheme": "zscore", "use_nonzero_mask": crop_ratio < 0.75})
-    plans = {
-        "version": PLANS_VERSION,
-        "dataset": dataset.name,
-        "axes": "zyx",
-        "channel_names": dataset.channel_names,
-        "labels": dataset.labels,
-        "num_classes": dataset.num_classes,
-        "preset": preset,
-        "target_spacing": target,
-        "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
-        "median_shape_after_resampling": median_shape,
-        "patch_size": patch,
-        "patch_divisor": [int(d) for d in divisor],
-        "batch_size": int(batch_size),
-        "normalization": normalization,
-        "resampling": {"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
-                       "low_resolution_axis_order": 0},
-    }
-    return plans
+    plans = Plans(
+        dataset=dataset.name, channel_names=list(dataset.channel_names), labels=dict(dataset.labels),
+        target_spacing=target, normalization=normalization, patch_size=patch, network=network,
+        batch_size=batch, batch_dice=batch_dice, preset=preset,
+        median_spacing=[float(v) for v in np.median(spacings, axis=0)],
+        median_shape_after_resampling=median_shape,
+        resampling={"image_order": 3, "label_order": 1, "anisotropy_threshold": ANISOTROPY_THRESHOLD,
+                    "low_resolution_axis_order": 0},
+        eval_classes=eval_classes, decisions=decisions,
+    )
+    return Plans.from_dict(plans.to_dict(), "plans")  # validated, in its JSON form
 
 
-def plans_id(plans: dict) -> str:
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
+
+
+def plans_id(plans: Plans | dict) -> str:
     """A short hash of everything in the plans that changes preprocessed data."""
-    keys = ("target_spacing", "normalization", "resampling", "channel_names", "labels")
-    blob = json.dumps({k: plans.get(k) for k in keys}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return Plans.coerce(plans).id
 
 
 def plan_dataset(
     root: str | os.PathLike,
     patch_size: Sequence[int] | None = None,
-    divisor: Sequence[int] = (16, 32, 32),
-    batch_size: int = 2,
+    batch_size: int | None = None,
     preset: str | None = None,
     workers: int = 1,
     progress: bool = False,
     target_spacing: Sequence[float] | None = None,
-) -> dict:
+) -> Plans:
     """Fingerprint + plans, written to ``ROOT/fingerprint.json`` and ``ROOT/plans.json``."""
     ds = Dataset.open(root)
     fp = compute_fingerprint(ds, workers=workers, progress=progress)
-    plans = make_plans(ds, fp, patch_size=patch_size, divisor=divisor, batch_size=batch_size, preset=preset,
+    plans = make_plans(ds, fp, patch_size=patch_size, batch_size=batch_size, preset=preset,
                        target_spacing=target_spacing)
     write_json(fp, Path(root) / "fingerprint.json")
-    write_json(plans, Path(root) / "plans.json")
+    plans.save(Path(root) / "plans.json")
     return plans
 
 
-def load_plans(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "plans.json"
-    plans = read_json(path)
-    required = ("target_spacing", "normalization", "patch_size", "channel_names", "labels")
-    missing = [k for k in required if k not in plans]
-    if missing:
-        raise ValueError(f"{path}: not a unetrpp plans file (missing {', '.join(missing)})")
-    return plans
-
+def load_plans(path: str | os.PathLike) -> Plans:
+    """``plans.json`` (or a folder holding it) as a validated :class:`Plans`."""
+    return Plans.load(path)

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from ..io import Geometry, read_case, read_image, read_json, write_json, write_npy
-from .layout import Case, Dataset
-from .plan import load_plans, plans_id
+from .layout import Case, Dataset, safe_case_name
+from .plan import load_plans
+from .plans import Plans
 from .resample import (
     anisotropic_axis,
     fill_holes,
@@ -36,13 +37,14 @@ from .resample import (
     resample_label,
     resample_probabilities,
 )
+from .validate import require_declared_labels
 
 LOCATIONS_PER_CLASS = 10_000
 
 
-def normalize(data: np.ndarray, plans: dict) -> np.ndarray:
+def normalize(data: np.ndarray, plans: Plans | dict) -> np.ndarray:
     """Normalise ``(c, z, y, x)`` data in place per the plans' per-channel schemes; returns it."""
-    schemes = plans["normalization"]
+    schemes = Plans.coerce(plans).normalization
     if len(schemes) != data.shape[0]:
         raise ValueError(f"image has {data.shape[0]} channel(s), the plans expect {len(schemes)}")
     mask = None  # the nonzero region of the raw data, taken before any channel is changed
@@ -77,9 +79,10 @@ def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | N
 
 
 def preprocess_array(
-    data: np.ndarray, geometry: Geometry, plans: dict, label: np.ndarray | None = None
+    data: np.ndarray, geometry: Geometry, plans: Plans | dict, label: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Crop, normalise and resample one case held in memory; returns ``(data, seg, properties)``."""
+    plans = Plans.coerce(plans)
     if data.ndim == 3:
         data = data[None]
     if data.ndim != 4:
@@ -93,17 +96,17 @@ def preprocess_array(
     data = np.ascontiguousarray(data[(slice(None), *crop)])
     normalize(data, plans)
     spacing = geometry.spacing_zyx
-    target = tuple(float(t) for t in plans["target_spacing"])
+    target = tuple(float(t) for t in plans.target_spacing)
     new_shape = new_shape_for(data.shape[1:], spacing, target)
     axis = _separate_axis(spacing, target)
-    data = resample_image(data, new_shape, plans["resampling"]["image_order"], axis)
+    data = resample_image(data, new_shape, plans.resampling["image_order"], axis)
     seg = None
     if label is not None:
         if label.shape != shape:
             raise ValueError(f"label shape {label.shape} differs from image shape {shape}")
-        seg = resample_label(np.ascontiguousarray(label[crop]), new_shape, axis, plans["resampling"]["label_order"])
+        seg = resample_label(np.ascontiguousarray(label[crop]), new_shape, axis, plans.resampling["label_order"])
     props = {
-        "plans_id": plans_id(plans),
+        "plans_id": plans.id,
         "geometry": geometry.to_json(),
         "shape": list(shape),
         "bbox": [list(b) for b in bbox],
@@ -152,18 +155,19 @@ def is_done(out_dir: Path, name: str, pid: str) -> bool:
         return False
 
 
-def preprocess_case(case: Case, plans: dict, out_dir: str | os.PathLike) -> dict:
+def preprocess_case(case: Case, plans: Plans | dict, out_dir: str | os.PathLike) -> dict:
     """Preprocess one training case and store it (data files first, the JSON marker last)."""
     out_dir = Path(out_dir)
+    plans = Plans.coerce(plans)
     data, geometry = read_case(case.images)
     label, lgeom = read_image(case.label)
     if label.ndim != 3:
         raise ValueError(f"{case.label}: label must be 3D, got shape {label.shape}")
     if why := geometry.mismatch(lgeom):
         raise ValueError(f"{case.label}: label geometry differs from the image: {why}")
-    if np.issubdtype(label.dtype, np.floating) and not np.array_equal(label, np.round(label)):
-        raise ValueError(f"{case.label}: label has non-integer values")
-    label = label.astype(_label_dtype(int(plans["num_classes"])))
+    declared = case.label_values if case.label_values is not None else plans.labels.values()
+    require_declared_labels(label, case.label, declared)  # before the cast below could wrap 258 to 2
+    label = label.astype(_label_dtype(plans.num_classes))
     data, seg, props = preprocess_array(data, geometry, plans, label)
     locations = class_locations(seg, _case_seed(case.name))
     props["name"] = case.name
@@ -175,7 +179,7 @@ def preprocess_case(case: Case, plans: dict, out_dir: str | os.PathLike) -> dict
     return props
 
 
-def _job(case: Case, plans: dict, out_dir: Path) -> str:
+def _job(case: Case, plans: Plans, out_dir: Path) -> str:
     preprocess_case(case, plans, out_dir)
     return case.name
 
@@ -183,7 +187,7 @@ def _job(case: Case, plans: dict, out_dir: Path) -> str:
 def preprocess_dataset(
     root: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
-    plans: dict | None = None,
+    plans: Plans | dict | None = None,
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = False,
@@ -191,11 +195,11 @@ def preprocess_dataset(
     """Preprocess every training case of the dataset at ``root``; returns a summary."""
     root = Path(root)
     ds = Dataset.open(root)
-    plans = plans if plans is not None else load_plans(root / "plans.json")
+    plans = Plans.coerce(plans) if plans is not None else load_plans(root / "plans.json")
     out_dir = Path(out_dir) if out_dir is not None else root / "preprocessed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(plans, out_dir / "plans.json")
-    pid = plans_id(plans)
+    plans.save(out_dir / "plans.json")
+    pid = plans.id
     cases = ds.training_cases()
     todo = [c for c in cases if overwrite or not is_done(out_dir, c.name, pid)]
     bar = None
@@ -225,6 +229,7 @@ def preprocess_dataset(
 def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
     """``(data, seg, locations, properties)`` of a preprocessed case; arrays memory-mapped by default."""
     out_dir = Path(out_dir)
+    safe_case_name(name, out_dir)
     mode = "r" if mmap else None
     data = np.load(out_dir / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
     seg = np.load(out_dir / f"{name}_seg.npy", mmap_mode=mode, allow_pickle=False)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import build_model, load_checkpoint
+from ..data.plans import Plans
 from ..data.preprocess import _undo_args, preprocess_array
 from ..data.resample import resample_volume
 from ..io import Geometry, read_case
@@ -83,7 +84,7 @@ class Predictor:
     def __init__(
         self,
         model: torch.nn.Module,
-        plans: dict,
+        plans: Plans | dict,
         labels: dict[str, int] | None = None,
         device: str | torch.device | None = "auto",
         step: float = 0.5,
@@ -95,8 +96,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
-        self.plans = plans
-        self.labels = labels or plans.get("labels") or {}
+        self.plans = Plans.coerce(plans)
+        self.labels = labels or self.plans.labels
         self.step = float(step)
         self.tta = tta
         self.batch = batch or (4 if self.device.type == "cuda" else 2)

@@ -12,6 +12,7 @@ so an interrupted write never leaves a half-written volume under the final name.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -26,6 +27,10 @@ FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 class ImageReadError(ValueError):
     """A volume could not be read; the message names the file and the problem in one line."""
+
+
+class NonFiniteError(ImageReadError):
+    """A volume holds NaN/inf voxels (ITK's NIfTI reader would silently turn them into 0)."""
 
 
 class ImageWriteError(ValueError):
@@ -117,13 +122,15 @@ def _geometry_of(image, path) -> Geometry:
     dim = image.GetDimension()
     spacing, origin = image.GetSpacing(), image.GetOrigin()
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    if not (np.isfinite(origin).all() and np.isfinite(direction).all()):
+        raise ImageReadError(f"{path}: bad geometry in header: non-finite origin or direction")
     try:
         return Geometry(spacing[:3], origin[:3], tuple(direction[:3, :3].ravel()))
     except ValueError as e:
         raise ImageReadError(f"{path}: bad geometry in header: {e}") from None
 
 
-def _read_sitk(path: Path):
+def _read_sitk(path: Path) -> tuple:
     sitk = _sitk()
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
@@ -142,17 +149,16 @@ def _read_sitk(path: Path):
             raise ImageReadError(f"{path}: DICOM series has {len(files)} slice; a volume needs at least 2")
         reader.SetFileNames(files)
         try:
-            return reader.Execute()
+            return reader.Execute(), None
         except RuntimeError as e:
             raise ImageReadError(f"{path}: unreadable DICOM series: {_first_line(e)}") from None
     if not path.exists():
         raise ImageReadError(f"{path}: no such file")
     if not split_ending(path)[1]:
         raise ImageReadError(f"{path}: unknown file type; use one of {', '.join(FILE_ENDINGS)} or a DICOM folder")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _verify_nifti(path)
+    header = _verify_nifti(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
     try:
-        return sitk.ReadImage(str(path))
+        return sitk.ReadImage(str(path)), header
     except RuntimeError as e:
         raise ImageReadError(f"{path}: unreadable or truncated: {_first_line(e)}") from None
 
@@ -173,12 +179,30 @@ def _first_line(e: Exception) -> str:
     return msg[:200]
 
 
-def _verify_nifti(path: Path) -> None:
-    """Refuse a NIfTI file whose voxel data is shorter than its header says.
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """What :func:`_verify_nifti` learnt from a NIfTI header that ITK's reader hides."""
+
+    path: Path
+    byteorder: str  # "<" or ">"
+    datatype: int
+    offset: int  # of the voxel data, in the uncompressed stream
+    voxels: int
+    scl_inter: float
+    compressed: bool
+
+
+#: NIfTI datatype codes of IEEE floats (float32, float64), the only stored types that can hold NaN.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _verify_nifti(path: Path) -> _NiftiHeader:
+    """Refuse a NIfTI file whose voxel data is shorter than its header says, or whose spacing is bad.
 
     ITK reads a truncated NIfTI without complaint and fills the missing voxels with zeros, so we
     compare the header's data size with the file size (``.nii``) or with the uncompressed size
-    that gzip records in its last four bytes (``.nii.gz`` below 4 GiB).
+    that gzip records in its last four bytes (``.nii.gz`` below 4 GiB). ITK also replaces a zero or
+    NaN ``pixdim`` by 1 mm, so the spacing is checked here, in the header.
     """
     import gzip
     import struct
@@ -206,19 +230,27 @@ def _verify_nifti(path: Path) -> None:
     else:
         raise ImageReadError(f"{path}: not a NIfTI file (bad header size)")
     if size == 348:
+        datatype, bitpix = struct.unpack(end + "2h", head[70:74])
         dim = struct.unpack(end + "8h", head[40:56])
-        bitpix = struct.unpack(end + "h", head[72:74])[0]
+        pixdim = struct.unpack(end + "8f", head[76:108])
         offset = int(struct.unpack(end + "f", head[108:112])[0])
+        scl_inter = struct.unpack(end + "f", head[116:120])[0]
     else:
         if len(head) < 540:
             raise ImageReadError(f"{path}: truncated NIfTI-2 header")
-        bitpix = struct.unpack(end + "h", head[14:16])[0]
+        datatype, bitpix = struct.unpack(end + "2h", head[12:16])
         dim = struct.unpack(end + "8q", head[16:80])
+        pixdim = struct.unpack(end + "8d", head[104:168])
         offset = struct.unpack(end + "q", head[168:176])[0]
+        scl_inter = struct.unpack(end + "d", head[184:192])[0]
     ndim = dim[0]
     if not 1 <= ndim <= 7 or bitpix <= 0:
         raise ImageReadError(f"{path}: corrupt NIfTI header (dim[0]={ndim}, bitpix={bitpix})")
-    expected = max(offset, size) + int(np.prod([max(int(d), 1) for d in dim[1 : ndim + 1]])) * bitpix // 8
+    spacing = pixdim[1 : min(ndim, 3) + 1]
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ImageReadError(f"{path}: bad spacing in header: pixdim {_fmt(spacing)} must be positive and finite")
+    voxels = math.prod(max(int(d), 1) for d in dim[1 : ndim + 1])
+    expected = max(offset, size) + voxels * bitpix // 8
     if compressed is not None and actual != expected % 2**32:
         # the gzip trailer disagrees (a cut file ends in arbitrary bytes): decompress to be sure
         try:
@@ -230,17 +262,56 @@ def _verify_nifti(path: Path) -> None:
             raise ImageReadError(f"{path}: truncated or corrupt gzip stream: {e}") from None
     if actual < expected:
         raise ImageReadError(f"{path}: truncated: header needs {expected} bytes of data, the file holds {actual}")
+    return _NiftiHeader(path, end, datatype, max(offset, size), voxels, scl_inter, bool(compressed))
+
+
+def _nifti_nonfinite(h: _NiftiHeader) -> int:
+    """NaN/inf voxels stored in a float NIfTI file, counted from the raw data in 16 MiB pieces."""
+    import gzip
+
+    dtype = np.dtype(h.byteorder + _NIFTI_FLOATS[h.datatype])
+    left, bad, carry = h.voxels * dtype.itemsize, 0, b""
+    try:
+        with (gzip.open if h.compressed else open)(h.path, "rb") as f:
+            f.seek(h.offset)
+            while left > 0 and (chunk := f.read(min(left, 1 << 24))):
+                left -= len(chunk)
+                chunk = carry + chunk
+                usable = len(chunk) - len(chunk) % dtype.itemsize
+                carry = chunk[usable:]
+                x = np.frombuffer(chunk[:usable], dtype)
+                bad += x.size - int(np.count_nonzero(np.isfinite(x)))
+    except (OSError, EOFError) as e:
+        raise ImageReadError(f"{h.path}: truncated or corrupt gzip stream: {e}") from None
+    return bad
+
+
+def _check_finite(path: Path, array: np.ndarray, header: _NiftiHeader | None) -> None:
+    """Refuse NaN/inf voxels. ITK's NIfTI reader turns them into 0 (then applies ``scl_inter``), so a
+    float NIfTI holding such a value is checked again in its raw data."""
+    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return
+    if not (np.isfinite(array.min()) and np.isfinite(array.max())):
+        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    elif header is not None and header.datatype in _NIFTI_FLOATS and (
+        (array == 0).any() or (math.isfinite(header.scl_inter) and (array == header.scl_inter).any())
+    ):
+        bad = _nifti_nonfinite(header)
+    else:
+        return
+    if bad:
+        raise NonFiniteError(f"{path}: {bad} NaN/inf voxels; replace them (e.g. with the background value) first")
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
     """Read one volume (file or DICOM folder) as ``(array_zyx, geometry)``.
 
     A 4D file (e.g. an MSD multi-modal NIfTI) comes back as ``(c, z, y, x)``; a multi-component
-    (vector) image likewise. 2D images are refused.
+    (vector) image likewise. 2D images are refused, and so are NaN/inf voxels (:class:`NonFiniteError`).
     """
     sitk = _sitk()
     path = Path(path)
-    image = _read_sitk(path)
+    image, header = _read_sitk(path)
     dim = image.GetDimension()
     if dim not in (3, 4):
         raise ImageReadError(f"{path}: is {dim}D; a 3D volume (or 4D multi-channel) is needed")
@@ -253,6 +324,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
         if dim != 3:
             raise ImageReadError(f"{path}: 4D image with vector pixels is not supported")
         array = np.moveaxis(array, -1, 0)
+    _check_finite(path, array, header)
     return array, geometry
 
 

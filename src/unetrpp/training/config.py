@@ -14,20 +14,23 @@ AMP_MODES = ("off", "bf16", "fp16")
 class TrainConfig:
     """The official recipe (spec section 3) as defaults; every field can be changed and is recorded.
 
-    ``time_budget_min`` caps the training time: the run stops before an epoch that would not fit,
-    and the poly schedule then runs on the fraction of the budget used when that is ahead of the
-    fraction of epochs done, so the learning rate still decays to near zero at the end.
+    ``time_budget_min`` is the whole job's budget (training, per-epoch and final validation): the
+    run stops inside an epoch when the next step would not fit, the poly schedule runs on the
+    fraction of the budget used, and with ``recipe="auto"`` a run too short for the paper's recipe
+    gets the short-run recipe of :mod:`unetrpp.training.budget` (network width, patch, optimizer,
+    schedule), recorded in ``recipe_notes``.
     """
 
-    preset: str = "synapse"
+    preset: str | None = None  # None: the plans' network; a name must agree with the plans'
+    recipe: str = "auto"  # "auto" (short-run recipe when the budget is short), "paper" or "short"
     fold: int | str = 0  # an index into splits.json, or "all" (train on every case, no validation)
     epochs: int = 1000
     iters_per_epoch: int = 250
     val_iters: int = 50
     batch_size: int | None = None  # None: the plans' (per step, summed over processes)
     patch_size: list[int] | None = None  # None: the plans'
-    optimizer: str = "sgd"  # "sgd" (the recipe: Nesterov) or "adamw"
-    lr: float = 1e-2
+    optimizer: str | None = None  # "sgd" (the paper's: Nesterov) or "adamw"; None: the recipe's
+    lr: float | None = None  # None: the recipe's (sgd 1e-2, short runs adamw 3e-3)
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
@@ -47,6 +50,9 @@ class TrainConfig:
     final_validation_tta: bool = True
     model_overrides: dict = field(default_factory=dict)  # extra UNETRPP constructor arguments
     activation_checkpointing: bool = False  # recompute the EPA stages in backward (memory for time)
+    log_every_s: float = 60.0  # a progress line at least this often, in log.txt and on stdout
+    checkpoint_every_min: float = 10.0  # checkpoint_latest.pt at least this often, inside epochs too
+    recipe_notes: list[str] = field(default_factory=list)  # what the budget measured and chose
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
@@ -54,7 +60,13 @@ class TrainConfig:
         for name in ("epochs", "iters_per_epoch"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.optimizer not in ("sgd", "adamw"):
+        if self.recipe not in ("auto", "paper", "short"):
+            raise ValueError(f"recipe must be auto, paper or short, got {self.recipe!r}")
+        if self.lr is not None and not (self.lr > 0 and self.lr < 10):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (self.log_every_s > 0 and self.checkpoint_every_min > 0):
+            raise ValueError("log_every_s and checkpoint_every_min must be positive")
+        if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.val_iters < 0 or self.workers < 0:
             raise ValueError("val_iters and workers must be >= 0")

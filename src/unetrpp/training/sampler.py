@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..data.layout import safe_case_name
 from ..data.preprocess import load_case
 from .augment import AugmentConfig, augment_intensity, mirror, sample_spatial
 
@@ -29,7 +30,7 @@ class CaseCache:
 
     def __init__(self, folder: str | os.PathLike, names: Sequence[str]):
         self.folder = Path(folder)
-        self.names = list(names)
+        self.names = [safe_case_name(n, self.folder) for n in names]
         if not self.names:
             raise ValueError(f"{self.folder}: no cases to sample from")
         missing = [n for n in self.names if not (self.folder / f"{n}.json").exists()]

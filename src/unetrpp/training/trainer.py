@@ -5,13 +5,22 @@ A run lives in one folder (default ``DATASET/results/PRESET_foldF``)::
     train_config.json      the TrainConfig, plans.json  the plans it trained with
     log.txt                everything printed, progress.csv  one row per epoch
     progress.png           loss and pseudo-Dice curves
-    checkpoint_latest.pt   after every epoch     checkpoint_best.pt  best EMA pseudo-Dice
-    checkpoint_final.pt    after the last epoch  validation/         full-case predictions + summary.json
+    checkpoint_latest.pt   after every epoch, every ``checkpoint_every_min`` inside one, and on SIGTERM
+    checkpoint_best.pt     best EMA pseudo-Dice  checkpoint_final.pt  after the last epoch (these two
+                           hold what prediction needs, no optimizer state)
+    validation/            full-case predictions + summary.json
 
-Exact resume: every random stream of an epoch (patch draws and augmentation in each worker,
-dropout) is seeded from ``(seed, rank, epoch)``, and the checkpoint holds the model, optimizer,
-scaler, epoch, EMA, history and RNG states; a run killed at any point and resumed from
-``checkpoint_latest.pt`` repeats the interrupted epoch exactly as it would have run.
+Progress: a line (iteration, loss, it/s, ETA) at least every ``log_every_s`` seconds in
+``log.txt`` and on stdout, whatever the epoch length; a tqdm bar only on a terminal.
+
+Exact resume: every batch of patches is drawn from ``(seed, epoch, rank, batch index)`` whichever
+worker draws it, dropout is seeded from ``(seed, rank, epoch)``, and the checkpoint holds the
+model, optimizer, scaler, epoch, iteration, EMA, history and RNG states; a run killed at any point
+and resumed from ``checkpoint_latest.pt`` continues exactly as it would have run (with a time
+budget the learning rate follows the clock, so there only the draws repeat exactly).
+
+Budget: with ``time_budget_min`` the whole job (start-up, training, validation) fits the budget;
+:mod:`unetrpp.training.budget` plans the network, the recipe and the final validation for it.
 
 Multi-process: under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
 DistributedDataParallel (NCCL on CUDA, gloo on CPU), the batch is split over the processes, each
@@ -21,10 +30,13 @@ draws its own patches, validation counts are summed, and rank 0 alone writes fil
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -35,18 +47,23 @@ import torch.distributed as dist
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.layout import Dataset, load_splits
-from ..data.plan import load_plans, plans_id
+from ..data.plan import load_plans
+from ..data.plans import Plans
 from ..data.preprocess import load_case
 from ..inference.sliding_window import autocast_for
 from ..io import read_json, write_image, write_json
 from ..io.jsonio import atomic_write
-from ..network.presets import get_preset
-from ..network.unetrpp import UNETRPP, UNETRPPConfig
+from ..network.unetrpp import UNETRPP
+from . import budget as budget_rules
 from .augment import AugmentConfig, dummy_2d_for
 from .config import TrainConfig
 from .loader import BatchStream, batch_loader
 from .loss import DeepSupervisionLoss, DiceCELoss
 from .sampler import PatchSampler
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM (or a stop request) ended training; ``checkpoint_latest.pt`` holds the state to resume."""
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -78,8 +95,8 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opt
     """
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        return torch.optim.AdamW(params, lr=cfg.lr or budget_rules.SHORT_LR, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr or 1e-2, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            weight_decay=cfg.weight_decay, **fused)
 
 
@@ -94,14 +111,18 @@ class Trainer:
         self.is_main = self.rank == 0
         self.echo = echo and self.is_main
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
+        self._t0 = time.perf_counter()
         self.ds = Dataset.open(self.root)
         plans_path = self.root / "plans.json"
         if not plans_path.exists():
             raise FileNotFoundError(f"{plans_path}: no plans; run `unetrpp plan {self.root}` first")
         self.plans = load_plans(plans_path)
+        if config.preset is not None and config.preset != self.plans.preset:
+            planned = f"preset {self.plans.preset}" if self.plans.preset else "a network planned from the data"
+            raise ValueError(f"--preset {config.preset} contradicts {plans_path} ({planned}); leave --preset out, "
+                             f"or re-plan with `unetrpp plan {self.root} --preset {config.preset}`")
         self.pre_dir = self.root / "preprocessed"
         self._check_preprocessed()
-        self.preset = get_preset(config.preset)
         fold = config.fold
         if fold == "all":
             names = sorted(c.name for c in self.ds.training_cases())
@@ -113,37 +134,46 @@ class Trainer:
             self.train_names, self.val_names = splits[fold]["train"], splits[fold]["val"]
         if not self.val_names:
             self.val_names = self.train_names
-        self.out = Path(out_dir) if out_dir else self.root / "results" / f"{config.preset}_fold{fold}"
-        self.patch = [int(p) for p in (config.patch_size or self.plans["patch_size"])]
-        self.global_batch = int(config.batch_size or self.plans.get("batch_size") or self.preset.batch_size)
+        self.run_name = self.plans.preset or "unetrpp"
+        self.out = Path(out_dir) if out_dir else self.root / "results" / f"{self.run_name}_fold{fold}"
+        self.global_batch = int(config.batch_size or self.plans.batch_size)
         self.batch = split_batch(self.global_batch, self.world)[self.rank]
         self.device = self._device()
-        self.model_config = self.preset.config(
-            img_size=self.patch, in_channels=len(self.plans["channel_names"]),
-            out_channels=int(self.plans["num_classes"]), **config.model_overrides,
-        ).to_dict()
-        self.num_classes = self.model_config["out_channels"]
-        deepest = math.prod(UNETRPPConfig.from_dict(self.model_config).stage_shapes[3])
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+        self._set_network(list(config.patch_size or self.plans.patch_size), config.model_overrides)
+        classes = config.online_eval_classes
+        if classes is None and self.plans.eval_classes and self.num_classes == self.plans.num_classes:
+            classes = list(self.plans.eval_classes)  # the paper's evaluated labels (Synapse: 8 of 13 organs)
+        self.eval_classes = list(classes) if classes else list(range(1, self.num_classes))
+        bd = config.batch_dice if config.batch_dice is not None else self.plans.batch_dice
+        self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
+        self._log_file = None
+        self._stop: str | None = None
+        self._final_val: tuple[list[str], bool] = (list(self.val_names), config.final_validation_tta)
+        self._deadline = self._train_deadline = None
+
+    def _set_network(self, patch: list[int], overrides: dict) -> None:
+        """The network to train: the plans' at ``patch`` with constructor ``overrides`` (e.g. a width)."""
+        self.patch = [int(p) for p in patch]
+        try:
+            cfg = self.plans.network_config(img_size=self.patch, **overrides)
+        except TypeError as e:
+            raise ValueError(f"model_overrides: {e}") from None
+        self.model_config = cfg.to_dict()
+        self.num_classes = cfg.out_channels
+        deepest = math.prod(cfg.stage_shapes[3])
         if self.batch * deepest < 2:
             raise ValueError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
                              "deepest stage, where batch norm needs two; use a larger patch or batch")
-        classes = config.online_eval_classes
-        if classes is None and self.preset.eval_classes and self.num_classes == self.preset.config().out_channels:
-            classes = list(self.preset.eval_classes)  # the paper's evaluated labels (Synapse: 8 of 13 organs)
-        self.eval_classes = list(classes) if classes else list(range(1, self.num_classes))
-        bd = config.batch_dice if config.batch_dice is not None else self.preset.batch_dice
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
-        self.augment = config.augment_config(dummy_2d_for(self.patch))
-        if config.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
-        self._log_file = None
+        self.augment = self.cfg.augment_config(dummy_2d_for(self.patch))
 
     # ------------------------------------------------------------------ setup
     def _check_preprocessed(self) -> None:
         marker = self.pre_dir / "plans.json"
         if not marker.exists():
             raise FileNotFoundError(f"{self.pre_dir}: not preprocessed; run `unetrpp preprocess {self.root}`")
-        if plans_id(read_json(marker)) != plans_id(self.plans):
+        if Plans.coerce(read_json(marker), str(marker)).id != self.plans.id:
             raise ValueError(f"{self.pre_dir}: preprocessed with other plans; rerun `unetrpp preprocess {self.root}`")
 
     def _device(self) -> torch.device:
@@ -173,7 +203,7 @@ class Trainer:
         module = model.module if hasattr(model, "module") else model
         payload = {
             "model_config": self.model_config,
-            "plans": {**self.plans, "patch_size": self.patch, "batch_size": self.global_batch},
+            "plans": self.run_plans().to_dict(),
             "labels": self.ds.labels,
             "channel_names": self.ds.channel_names,
             "file_ending": self.ds.file_ending,
@@ -181,6 +211,8 @@ class Trainer:
             "epoch": epoch,
             "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             **{k: state[k] for k in ("ema", "best_ema", "history", "elapsed")},
+            "iteration": int(state.get("iteration", 0)),  # > 0: saved inside epoch ``epoch``
+            "epoch_loss": float(state.get("epoch_loss", 0.0)),
         }
         if full:
             payload["optimizer"] = optimizer.state_dict()
@@ -191,9 +223,17 @@ class Trainer:
             }
         return payload
 
-    def _save(self, name: str, payload: dict) -> None:
+    def run_plans(self) -> Plans:
+        """The plans as this run trains them: its network, patch and batch."""
+        return dataclasses.replace(self.plans, network=dict(self.model_config), patch_size=list(self.patch),
+                                   batch_size=self.global_batch)
+
+    def _save(self, name: str, payload: dict, say: bool = False) -> None:
         if self.is_main:
-            save_checkpoint(payload, self.out / name)
+            path = save_checkpoint(payload, self.out / name)
+            if say:
+                self.log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB"
+                         + (", no optimizer state)" if "optimizer" not in payload else ")"))
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> dict:
@@ -211,14 +251,94 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.out / "log.txt", "a")  # noqa: SIM115 (closed in finally)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             return self._run(resume, latest)
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if self._log_file is not None:
                 self._log_file.close()
                 self._log_file = None
 
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = "SIGTERM"
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        """Ask the run to save ``checkpoint_latest.pt`` after the current iteration and stop."""
+        self._stop = why
+
+    def _plan_budget(self, ckpt: dict | None) -> None:
+        """Resolve the recipe (short run or paper's) and the final validation for the budget."""
+        cfg = self.cfg
+        if ckpt is not None:  # a resumed run keeps what it chose at its start
+            saved = TrainConfig.from_json(ckpt["train_config"])
+            keep = ("recipe", "optimizer", "lr", "patch_size", "model_overrides", "iters_per_epoch", "val_iters",
+                    "recipe_notes")
+            self.cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in keep})
+            self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
+        budget_s = 60 * cfg.time_budget_min if cfg.time_budget_min else None
+        probe = None
+        if ckpt is None and budget_s and cfg.recipe != "paper":
+            fixed = bool(cfg.patch_size) or "feature_size" in cfg.model_overrides
+            self.log(f"planning the run for a {cfg.time_budget_min:g}-min budget on {self.device} "
+                     f"({torch.get_num_threads()} threads){': the network is fixed' if fixed else ''}")
+            probe = budget_rules.plan_run(
+                self.plans, budget_s, self.device, self.batch, cfg.amp,
+                {**self.model_config, **cfg.model_overrides}, patch=self.patch,
+                width=self.model_config["feature_size"], fixed_network=fixed, log=self.log)
+            short = probe.short or cfg.recipe == "short"
+            changes: dict = {"recipe": "short" if short else "paper", "recipe_notes": probe.notes}
+            if short:
+                changes.update(optimizer=cfg.optimizer or budget_rules.SHORT_OPTIMIZER,
+                               lr=cfg.lr or budget_rules.SHORT_LR)
+                if not fixed:
+                    changes.update(patch_size=probe.patch,
+                                   model_overrides={**cfg.model_overrides, "feature_size": probe.feature_size})
+                if cfg.iters_per_epoch == 250 and cfg.val_iters == 50:  # the defaults: epochs of about a minute
+                    changes.update(iters_per_epoch=probe.iters_per_epoch, val_iters=probe.val_iters)
+            self.cfg = dataclasses.replace(cfg, **changes)
+            self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
+        elif ckpt is None:
+            short = cfg.recipe == "short"
+            self.cfg = dataclasses.replace(cfg, recipe="short" if short else "paper",
+                                           optimizer=cfg.optimizer or ("adamw" if short else "sgd"),
+                                           lr=cfg.lr or (budget_rules.SHORT_LR if short else 1e-2))
+        for line in self.cfg.recipe_notes[-1:]:
+            self.log(line)
+        self._deadline = self._train_deadline = None
+        if budget_s:
+            self._deadline = self._t0 + budget_s * (1 - budget_rules.MARGIN_FRACTION)
+            reserve = 0.0
+            if self.cfg.final_validation and self.is_main:
+                fwd = probe.forward_s if probe is not None and probe.patch == self.patch else None
+                if fwd is None:
+                    fwd = budget_rules.measure_step(self.model_config, 1, self.device, self.cfg.amp, steps=1)[1]
+                windows = budget_rules.windows_per_case(self.plans.median_shape_after_resampling or self.patch,
+                                                        self.patch)
+                left = self._deadline - time.perf_counter()
+                n, tta, why = budget_rules.plan_final_validation(
+                    len(self.val_names), windows, fwd, budget_rules.FINAL_VALIDATION_FRACTION * budget_s,
+                    self.cfg.final_validation_tta)
+                self._final_val = (budget_rules.evenly_spaced(sorted(self.val_names), n), tta)
+                per_case = windows * fwd * (budget_rules.MIRRORS if tta else 1) + budget_rules.CASE_OVERHEAD_S
+                reserve = min(n * per_case, max(left, 0.0))
+                self.log(f"final validation planned: {why}")
+            # the final checkpoints and, until an epoch has measured it, a first guess of an epoch's tail
+            self._train_deadline = self._deadline - reserve - budget_rules.END_RESERVE_S
+            fwd = probe.forward_s if probe is not None else 0.0
+            self._tail_guess = budget_rules.END_RESERVE_S + self.cfg.val_iters * self.batch * fwd
+
     def _run(self, resume: bool, latest: Path) -> dict:
+        ckpt = load_checkpoint(latest, map_location="cpu") if resume and latest.exists() else None
+        if ckpt is not None:
+            saved = TrainConfig.from_json(ckpt["train_config"])
+            if (saved.preset or self.plans.preset) != (self.cfg.preset or self.plans.preset) \
+                    or saved.fold != self.cfg.fold:
+                raise ValueError(f"{latest}: was trained with another preset or fold; cannot resume")
+        self._plan_budget(ckpt)
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.build_model().to(self.device)
@@ -228,13 +348,11 @@ class Trainer:
             model.activation_checkpointing = True
         optimizer = build_optimizer(model.parameters(), cfg, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
-        state = {"ema": None, "best_ema": None, "history": [], "elapsed": 0.0}
+        state = {"ema": None, "best_ema": None, "history": [], "elapsed": 0.0, "iteration": 0, "epoch_loss": 0.0}
         start_epoch = 0
-        if resume and latest.exists():
-            ckpt = load_checkpoint(latest, map_location="cpu")
-            saved = TrainConfig.from_json(ckpt["train_config"])
-            if saved.preset != cfg.preset or saved.fold != cfg.fold or ckpt["model_config"] != self.model_config:
-                raise ValueError(f"{latest}: was trained with another preset, fold or network; cannot resume")
+        if ckpt is not None:
+            if ckpt["model_config"] != self.model_config:
+                raise ValueError(f"{latest}: was trained with another network; cannot resume")
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt.get("scaler"):
@@ -243,30 +361,38 @@ class Trainer:
             if ckpt["rng"]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             state = {k: ckpt[k] for k in ("ema", "best_ema", "history", "elapsed")}
+            state.update(iteration=int(ckpt.get("iteration", 0)), epoch_loss=float(ckpt.get("epoch_loss", 0.0)))
             start_epoch = int(ckpt["epoch"])
-            self.log(f"resumed from {latest} at epoch {start_epoch}")
+            where = f" iteration {state['iteration']}" if state["iteration"] else ""
+            self.log(f"resumed from {latest} at epoch {start_epoch}{where}")
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
         if self.is_main:
             write_json(cfg.to_json(), self.out / "train_config.json")
-            write_json(self.plans, self.out / "plans.json")
+            self.run_plans().save(self.out / "plans.json")
         train_model = model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         n_params = sum(p.numel() for p in model.parameters())
-        self.log(f"training {cfg.preset} fold {cfg.fold} on {self.device} x{self.world}: {len(self.train_names)} "
-                 f"train / {len(self.val_names)} val cases, patch {self.patch}, batch {self.global_batch}, "
-                 f"{n_params / 1e6:.2f} M parameters, amp {cfg.amp}, epochs {cfg.epochs} x {cfg.iters_per_epoch}"
-                 + (f", time budget {cfg.time_budget_min:g} min" if cfg.time_budget_min else ""))
+        self.log(f"training {self.run_name} fold {cfg.fold} on {self.device} x{self.world}: {len(self.train_names)} "
+                 f"train / {len(self.val_names)} val cases, patch {self.patch}, batch {self.global_batch}, width "
+                 f"{self.model_config['feature_size']}, {n_params / 1e6:.2f} M parameters, {cfg.recipe} recipe "
+                 f"({cfg.optimizer} lr {cfg.lr:g}), amp {cfg.amp}, epochs {cfg.epochs} x {cfg.iters_per_epoch}"
+                 + (f", time budget {cfg.time_budget_min:g} min (training until "
+                    f"{(self._train_deadline - self._t0) / 60:.1f} min)" if cfg.time_budget_min else ""))
 
         epoch = start_epoch
-        t_process = time.perf_counter()
-        elapsed0 = float(state["elapsed"])
-        self._deadline = t_process + 60 * cfg.time_budget_min - elapsed0 if cfg.time_budget_min else None
-        self._iter_s = self._tail_s = 0.0  # measured: one training iteration; validation + writing of an epoch
+        self._t_process = time.perf_counter()
+        self._elapsed0 = float(state["elapsed"])
+        if self._deadline is not None and self._elapsed0:  # the budget is the whole job's, earlier runs included
+            self._deadline -= self._elapsed0
+            self._train_deadline -= self._elapsed0
+        self._iter_s = 0.0  # measured: one training iteration
+        self._tail_s = getattr(self, "_tail_guess", 0.0)  # validation + writing of an epoch (measured after one)
+        self._last_ckpt = time.perf_counter()
         while epoch < cfg.epochs:
-            elapsed = elapsed0 + time.perf_counter() - t_process
+            elapsed = self._elapsed()
             if self._out_of_time():
                 self.log(f"time budget reached after {elapsed / 60:.1f} min: stopping before epoch {epoch}")
                 break
@@ -274,7 +400,7 @@ class Trainer:
             lr = self.lr_at(epoch, elapsed)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            train_loss, iters = self._train_epoch(train_model, optimizer, scaler, epoch)
+            train_loss, iters = self._train_epoch(train_model, optimizer, scaler, epoch, state)
             t_tail = time.perf_counter()
             val_loss, dice = self._validate_epoch(model, epoch)
             mean = float(np.nanmean([dice[c] for c in self.eval_classes])) if any(
@@ -287,24 +413,31 @@ class Trainer:
                    "iterations": iters, "epoch_time_s": time.perf_counter() - t0}
             row.update({f"dice_{self._class_name(c)}": dice[c] for c in range(1, self.num_classes)})
             epoch += 1
-            state["elapsed"] = elapsed0 + time.perf_counter() - t_process
+            state["elapsed"] = self._elapsed()
+            state["iteration"], state["epoch_loss"] = 0, 0.0
             row["elapsed_s"] = state["elapsed"]
             state["history"].append(row)
             improved = state["ema"] is not None and (state["best_ema"] is None or state["ema"] > state["best_ema"])
             if improved:
                 state["best_ema"] = state["ema"]
-            payload = self._payload(model, optimizer, scaler, epoch, state)
-            self._save("checkpoint_latest.pt", payload)
+            self._save("checkpoint_latest.pt", self._payload(model, optimizer, scaler, epoch, state))
+            self._last_ckpt = time.perf_counter()
             if improved:
                 self._save("checkpoint_best.pt", self._payload(model, optimizer, scaler, epoch, state, full=False))
             self._write_progress(state["history"])
+            if self._agree(self._stop is not None):
+                raise TrainingInterrupted(f"{self._stop}: saved {self.out / 'checkpoint_latest.pt'} at the end of "
+                                          f"epoch {epoch - 1}; continue with --resume")
             self._tail_s = time.perf_counter() - t_tail
             self.log(f"epoch {epoch - 1}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, pseudo-Dice "
                      f"{mean:.4f} (EMA {row['ema_dice']:.4f}{', best' if improved else ''}), lr {lr:.2e}, "
-                     f"{iters} it, {row['epoch_time_s']:.1f} s")
-        final = self._payload(model, optimizer, scaler, epoch, state)
-        self._save("checkpoint_final.pt", final)
-        self._save("checkpoint_latest.pt", final)
+                     f"{iters} it, {row['epoch_time_s']:.1f} s, {state['elapsed'] / 60:.1f} min in all")
+        state["elapsed"] = self._elapsed()
+        self._save("checkpoint_final.pt", self._payload(model, optimizer, scaler, epoch, state, full=False), say=True)
+        self._save("checkpoint_latest.pt", self._payload(model, optimizer, scaler, epoch, state))
+        if self.is_main and (self.out / "checkpoint_best.pt").exists():
+            size = (self.out / "checkpoint_best.pt").stat().st_size
+            self.log(f"checkpoint_best.pt: {size / 1e6:.1f} MB, no optimizer state")
         self.log(f"training done: {epoch} epoch(s), {state['elapsed'] / 60:.1f} min; wrote {self.out}")
         summary = {"epochs": epoch, "iterations": sum(h.get("iterations", 0) for h in state["history"]),
                    "elapsed_s": state["elapsed"], "best_ema_dice": state["best_ema"]}
@@ -322,52 +455,71 @@ class Trainer:
     def _class_name(self, c: int) -> str:
         return {v: k for k, v in self.ds.labels.items()}.get(c, str(c))
 
+    def _elapsed(self) -> float:
+        return self._elapsed0 + time.perf_counter() - self._t_process
+
     def lr_at(self, epoch: int, elapsed_s: float = 0.0) -> float:
         progress = epoch / self.cfg.epochs
-        if self.cfg.time_budget_min:
+        if self._train_deadline is not None:  # the schedule follows the training part of the budget
+            span = self._train_deadline + self._elapsed0 - self._t0
+            progress = max(progress, (self._t0 - self._t_process + elapsed_s) / max(span, 1e-9))
+        elif self.cfg.time_budget_min:
             progress = max(progress, elapsed_s / (60 * self.cfg.time_budget_min))
         return poly_lr(self.cfg.lr, progress, self.cfg.poly_exponent)
 
-    def _out_of_time(self) -> bool:
-        """Whether one more iteration, plus the epoch's validation and writing, would pass the time budget."""
-        if self._deadline is None:
+    def _out_of_time(self, tail: bool = True) -> bool:
+        """Whether one more iteration (plus the epoch's validation and writing) would pass the training deadline."""
+        if self._train_deadline is None:
             return False
-        stop = time.perf_counter() + self._iter_s + self._tail_s > self._deadline
-        if self.world > 1:  # every process must take the same decision: rank 0's
-            flag = torch.tensor([int(stop)], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        return stop
+        stop = time.perf_counter() + self._iter_s + (self._tail_s if tail else 0.0) > self._train_deadline
+        return self._agree(stop)
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision, on every process."""
+        if self.world > 1:
+            t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(t, 0)
+            flag = bool(t.item())
+        return flag
 
     def _seed_epoch(self, epoch: int) -> None:
         torch.manual_seed(_seed_of(self.cfg.seed, self.rank, epoch))
 
-    def _train_epoch(self, model, optimizer, scaler, epoch: int) -> tuple[float, int]:
+    def _train_epoch(self, model, optimizer, scaler, epoch: int, state: dict) -> tuple[float, int]:
         """Mean loss and number of iterations (fewer than configured when the time budget ends the epoch)."""
         cfg = self.cfg
-        self._seed_epoch(epoch)
+        start = int(state.get("iteration", 0))
+        if not start:  # a mid-epoch resume continues the restored random state instead
+            self._seed_epoch(epoch)
         model.train()
-        stream = BatchStream(seed=[cfg.seed, epoch], rank=self.rank, folder=self.pre_dir, names=self.train_names,
-                             patch_size=self.patch, batch_size=self.batch, augment=self.augment,
-                             oversample_foreground=cfg.oversample_foreground)
+        stream = BatchStream(seed=[cfg.seed, epoch], rank=self.rank, start=start, folder=self.pre_dir,
+                             names=self.train_names, patch_size=self.patch, batch_size=self.batch,
+                             augment=self.augment, oversample_foreground=cfg.oversample_foreground)
         loader = batch_loader(stream, workers=cfg.workers, pin_memory=self.device.type == "cuda")
+        rng = torch.get_rng_state()  # starting workers draws from it: keep dropout's stream independent of that
         batches = iter(loader)
+        torch.set_rng_state(rng)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.iters_per_epoch, desc=f"epoch {epoch}", unit="it", leave=False)
-        total = torch.zeros((), dtype=torch.float64)
-        done = 0
+            bar = tqdm(total=cfg.iters_per_epoch, initial=start, desc=f"epoch {epoch}", unit="it", leave=False)
+        total = torch.tensor(float(state.get("epoch_loss", 0.0)), dtype=torch.float64)
+        done = start
+        t_log, done_log, loss_log = time.perf_counter(), done, total.clone()
         try:
-            for i in range(cfg.iters_per_epoch):
-                if i and self._out_of_time():
+            for i in range(start, cfg.iters_per_epoch):
+                if i > start and self._out_of_time():
                     break
                 t_iter = time.perf_counter()
                 x, y = next(batches)
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
+                if self._train_deadline is not None:
+                    lr = self.lr_at(epoch, self._elapsed())
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
                 with autocast_for(self.device, cfg.amp):
                     out = model(x)
                 loss = self.loss_fn(out, y)
@@ -381,14 +533,34 @@ class Trainer:
                 scaler.update()
                 total += loss.detach().double().cpu()
                 done += 1
-                spent = time.perf_counter() - t_iter  # the first of an epoch also waits for the loader to start
+                now = time.perf_counter()
+                spent = now - t_iter  # the first of an epoch also waits for the loader to start
                 if not self._iter_s:
                     self._iter_s = spent
-                elif i:
+                elif i > start:
                     self._iter_s = 0.8 * self._iter_s + 0.2 * spent
                 if bar:
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
+                if now - t_log >= cfg.log_every_s or done == 1:
+                    n = done - done_log
+                    rate = n / max(now - t_log, 1e-9)
+                    left = (cfg.iters_per_epoch - done) / max(rate, 1e-9)
+                    eta = f", run ends in {(self._deadline - now) / 60:.1f} min" if self._deadline else ""
+                    self.log(f"epoch {epoch} iteration {done}/{cfg.iters_per_epoch}: loss "
+                             f"{float((total - loss_log) / max(n, 1)):.4f}, {rate:.2f} it/s, epoch ETA {left:.0f} s"
+                             f"{eta}")
+                    t_log, done_log, loss_log = now, done, total.clone()
+                stop = self._stop is not None
+                save = stop or now - self._last_ckpt >= 60 * cfg.checkpoint_every_min
+                if self._agree(save) and done < cfg.iters_per_epoch:
+                    state.update(iteration=done, epoch_loss=float(total), elapsed=self._elapsed())
+                    self._save("checkpoint_latest.pt", self._payload(model, optimizer, scaler, epoch, state))
+                    self._last_ckpt = time.perf_counter()
+                    self.log(f"checkpoint_latest.pt written at epoch {epoch} iteration {done}")
+                if self._agree(stop) and done < cfg.iters_per_epoch:
+                    raise TrainingInterrupted(f"{self._stop or 'stopped'}: saved {self.out / 'checkpoint_latest.pt'} "
+                                              f"at epoch {epoch} iteration {done}; continue with --resume")
         finally:
             if bar:
                 bar.close()
@@ -451,29 +623,49 @@ class Trainer:
         plot_progress(history, self.out / "progress.png")
 
     def validate_cases(self, model) -> dict:
-        """Full-case sliding-window prediction of the validation cases, written and scored on the original grid."""
+        """Full-case sliding-window prediction of the validation cases, written and scored on the original grid.
+
+        With a time budget: the cases and mirroring planned at the start (``_plan_budget``), and no
+        case is started that would end after the deadline (the summary says how many were done).
+        """
         from ..evaluation.evaluate import evaluate_pairs, print_table
         from ..inference.predictor import Predictor
 
         if not self.is_main:  # rank 0 alone predicts and writes; the others wait at the final barrier
             return {}
+        names, tta = self._final_val
+        if not names:
+            self.log("final validation skipped: it does not fit the time budget")
+            return {}
         out = self.out / "validation"
         out.mkdir(parents=True, exist_ok=True)
-        predictor = Predictor(model, self.plans, self.ds.labels, device=self.device, tta=self.cfg.final_validation_tta,
+        predictor = Predictor(model, self.run_plans(), self.ds.labels, device=self.device, tta=tta,
                               amp=self.cfg.amp, progress=self.progress)
         ending = self.ds.file_ending
         t0 = time.perf_counter()
-        for name in self.val_names:
+        done: list[str] = []
+        for name in names:
+            now = time.perf_counter()
+            per_case = (now - t0) / len(done) if done else 0.0
+            if self._deadline is not None and now + per_case > self._deadline:
+                break
             data, _, _, props = load_case(self.pre_dir, name)
             result = predictor.predict_preprocessed(data, props)
             write_image(result.label, result.geometry, out / f"{name}{ending}")
-        pairs = [(name, self.ds.case(name).label, out / f"{name}{ending}") for name in self.val_names]
+            done.append(name)
+        if not done:
+            self.log("final validation skipped: no time left in the budget")
+            return {}
+        pairs = [(name, self.ds.case(name).label, out / f"{name}{ending}") for name in done]
         classes = {self._class_name(c): [c] for c in self.eval_classes}
         summary = evaluate_pairs(pairs, classes, workers=1)
         summary["seconds"] = time.perf_counter() - t0
-        summary["tta"] = self.cfg.final_validation_tta
+        summary["tta"] = tta
+        summary["cases_validated"] = len(done)
+        summary["cases_in_fold"] = len(self.val_names)
         write_json(summary, out / "summary.json")
-        self.log(f"validation of {len(pairs)} case(s) (sliding window, TTA {'on' if predictor.tta else 'off'}): "
+        partial = "" if len(done) == len(self.val_names) else f" ({len(done)} of {len(self.val_names)}: time budget)"
+        self.log(f"validation of {len(pairs)} case(s){partial} (sliding window, TTA {'on' if tta else 'off'}): "
                  f"mean Dice {summary['mean_dice']:.4f}")
         self.log(print_table(summary))
         return summary

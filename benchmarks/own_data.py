@@ -1,0 +1,234 @@
+"""A user's own data and compute: the README's commands, no flags, against MONAI's BasicUNet in the same budget.
+
+    python benchmarks/own_data.py [--sets hippocampus,hippocampus_5mm,phantom,phantom_fine] [--minutes 15]
+        [--work DIR] [--skip-baseline] [--json OUT.json]
+
+For each dataset a held-out test set (every fifth case by sorted name) is moved to imagesTs /
+labelsTs, then exactly these commands run, each timed:
+
+    unetrpp plan D
+    unetrpp preprocess D
+    unetrpp train D --time-budget MIN --device cpu
+    unetrpp predict -i D/imagesTs -o D/pred -m D/results/unetrpp_fold0/checkpoint_final.pt
+    unetrpp evaluate D/labelsTs D/pred
+
+The baseline is MONAI's BasicUNet (default features) trained by the same trainer, on the same
+preprocessed data, fold and patch, with the same recipe chosen for the same budget, then predicted
+whole (sliding window, mirroring) and scored the same way.
+
+Datasets (made here, nothing downloaded):
+* ``hippocampus``: MSD Task04 from ../shared/data/hippocampus (260 T1 MRIs, 1 mm).
+* ``hippocampus_5mm``: the same resampled to 5 mm slices along the first array axis (cubic for
+  the images, nearest for the labels): a strongly anisotropic MRI set, 7-9 slices per case.
+* ``phantom``: 40 + 10 portal-venous phantom CTs at their own spacing (about 5 x 2.8 x 2.8 mm).
+* ``phantom_fine``: the same cases resampled to 2.5 x 1.4 x 1.4 mm (8x the voxels).
+
+MONAI is a benchmark-only dependency: ``pip install --no-deps monai``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve()
+SHARED = HERE.parents[2] / "shared" / "data"
+CLI = [sys.executable, "-m", "unetrpp.cli.main"]
+
+
+def _hold_out(root: Path, every: int = 5) -> None:
+    """Move every ``every``-th case (sorted names) to imagesTs/labelsTs; fix numTraining; new splits."""
+    from unetrpp.data.layout import Dataset
+
+    ds = Dataset.open(root)
+    names = sorted(c.name for c in ds.training_cases())
+    (root / "imagesTs").mkdir(exist_ok=True)
+    (root / "labelsTs").mkdir(exist_ok=True)
+    ending = ds.file_ending
+    for name in names[::every]:
+        for f in (root / "imagesTr").glob(f"{name}_[0-9][0-9][0-9][0-9]{ending}"):
+            f.rename(root / "imagesTs" / f.name)
+        (root / "labelsTr" / f"{name}{ending}").rename(root / "labelsTs" / f"{name}{ending}")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["numTraining"] = len(names) - len(names[::every])
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    (root / "splits.json").unlink(missing_ok=True)
+
+
+def _resampled_copy(src: Path, dst: Path, spacing_zyx) -> Path:
+    """``src`` (a v2 dataset) resampled to ``spacing_zyx``: images cubic, labels nearest, same origin/direction."""
+    import numpy as np
+
+    from unetrpp.data.resample import new_shape_for, resample_image, resample_label
+    from unetrpp.io import read_image, write_image
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.nii.gz", "preprocessed", "results", "*.json"))
+    shutil.copy(src / "dataset.json", dst / "dataset.json")
+    for folder in ("imagesTr", "imagesTs"):
+        for f in sorted((src / folder).glob("*.nii.gz")):
+            img, g = read_image(f)
+            shape = new_shape_for(img.shape, g.spacing_zyx, spacing_zyx)
+            out = resample_image(img[None].astype(np.float32), shape, 3, None)[0]
+            write_image(out.astype(np.float32), g.with_spacing_zyx(spacing_zyx), dst / folder / f.name)
+            lab_dir = "labelsTr" if folder == "imagesTr" else "labelsTs"
+            lab_file = src / lab_dir / (f.name[: -len("_0000.nii.gz")] + ".nii.gz")
+            lab, lg = read_image(lab_file)
+            seg = resample_label(lab.astype(np.uint8), shape, None, 0)
+            write_image(seg.astype(np.uint8), lg.with_spacing_zyx(spacing_zyx), dst / lab_dir / lab_file.name)
+    return dst
+
+
+def make_set(name: str, work: Path) -> Path:
+    from unetrpp.data.convert import convert_msd
+    from unetrpp.data.phantom import make_phantom_dataset
+
+    root = work / name
+    if (root / "dataset.json").exists():
+        return root
+    if name.startswith("hippocampus"):
+        base = work / "hippocampus"
+        if not (base / "dataset.json").exists():
+            if not (SHARED / "hippocampus" / "dataset.json").exists():
+                raise SystemExit(f"{SHARED / 'hippocampus'}: not there (this benchmark reads ../shared/data)")
+            convert_msd(SHARED / "hippocampus", base, workers=2)
+            _hold_out(base)
+        if name == "hippocampus_5mm":
+            _resampled_copy(base, root, (5.0, 1.0, 1.0))
+    elif name.startswith("phantom"):
+        base = work / "phantom"
+        if not (base / "dataset.json").exists():
+            make_phantom_dataset(base, cases=40, test=10, seed=7, workers=2, contrast=True)
+        if name == "phantom_fine":
+            _resampled_copy(base, root, (2.5, 1.4, 1.4))
+    else:
+        raise SystemExit(f"unknown set {name!r}")
+    return root
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    t = time.perf_counter()
+    with log.open("a") as f:
+        f.write("$ unetrpp " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.run(CLI + cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"unetrpp {' '.join(cmd)} failed ({proc.returncode}); see {log}")
+    return time.perf_counter() - t
+
+
+def ours(root: Path, minutes: float) -> dict:
+    log = root / "commands.log"
+    times = {
+        "plan": _run(["plan", str(root)], log),
+        "preprocess": _run(["preprocess", str(root)], log),
+        "train": _run(["train", str(root), "--time-budget", f"{minutes:g}", "--device", "cpu"], log),
+    }
+    run = root / "results" / "unetrpp_fold0"
+    times["predict"] = _run(["predict", "-i", str(root / "imagesTs"), "-o", str(root / "pred"), "-m",
+                             str(run / "checkpoint_final.pt")], log)
+    times["evaluate"] = _run(["evaluate", str(root / "labelsTs"), str(root / "pred")], log)
+    ev = json.loads((root / "pred" / "evaluation.json").read_text())
+    cfg = json.loads((run / "train_config.json").read_text())
+    import torch
+
+    hist = torch.load(run / "checkpoint_final.pt", weights_only=True)["history"]
+    plans = json.loads((run / "plans.json").read_text())
+    return {"mean_dice": ev["mean_dice"], "per_class": {k: v["dice"] for k, v in ev["mean"].items()},
+            "seconds": times, "iterations": sum(h["iterations"] for h in hist),
+            "recipe": cfg["recipe"], "recipe_notes": cfg["recipe_notes"], "patch": plans["patch_size"],
+            "network": {k: plans["network"][k] for k in ("feature_size", "stem_stride", "img_size")}}
+
+
+def baseline(root: Path, minutes: float, recipe: dict) -> dict:
+    """BasicUNet in the same trainer, same fold, patch and recipe as our run chose; predicted and scored alike."""
+    import torch
+    from monai.networks.nets import BasicUNet
+
+    from unetrpp.evaluation.evaluate import evaluate_pairs
+    from unetrpp.inference.predictor import Predictor
+    from unetrpp.io import write_image
+    from unetrpp.training.config import TrainConfig
+    from unetrpp.training.trainer import Trainer
+
+    class Net(torch.nn.Module):
+        def __init__(self, cin, cout, patch):
+            super().__init__()
+            self.net = BasicUNet(spatial_dims=3, in_channels=cin, out_channels=cout)
+            self.config = SimpleNamespace(img_size=tuple(patch), in_channels=cin, out_channels=cout)
+
+        def forward(self, x):
+            return self.net(x)
+
+    class BaselineTrainer(Trainer):
+        def build_model(self):
+            return Net(self.model_config["in_channels"], self.model_config["out_channels"], self.patch)
+
+    out = root / "results" / "basicunet_fold0"
+    t0 = time.perf_counter()
+    cfg = TrainConfig(recipe="short", optimizer="adamw", lr=3e-3, patch_size=recipe["patch"],
+                      iters_per_epoch=50, val_iters=5, time_budget_min=minutes, final_validation=False,
+                      device="cpu", model_overrides={"feature_size": recipe["network"]["feature_size"]})
+    trainer = BaselineTrainer(root, cfg, out_dir=out, progress=False, echo=False)
+    trainer._plan_budget = lambda ckpt: _fixed_budget(trainer, minutes)  # no UNETR++ probing for another network
+    summary = trainer.run()
+    train_s = time.perf_counter() - t0
+    model = trainer.build_model()
+    ckpt = torch.load(out / "checkpoint_final.pt", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    predictor = Predictor(model, trainer.run_plans(), device="cpu", tta=True)
+    pred = root / "pred_basicunet"
+    pairs = []
+    t1 = time.perf_counter()
+    for f in sorted((root / "imagesTs").glob("*_0000.nii.gz")):
+        name = f.name[: -len("_0000.nii.gz")]
+        res = predictor.predict(f)
+        write_image(res.label, res.geometry, pred / f"{name}.nii.gz")
+        pairs.append((name, root / "labelsTs" / f"{name}.nii.gz", pred / f"{name}.nii.gz"))
+    labels = {k: [v] for k, v in trainer.ds.labels.items() if v}
+    ev = evaluate_pairs(pairs, labels, workers=2)
+    return {"mean_dice": ev["mean_dice"], "per_class": {k: v["dice"] for k, v in ev["mean"].items()},
+            "seconds": {"train": train_s, "predict": time.perf_counter() - t1}, "iterations": summary["iterations"],
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def _fixed_budget(trainer, minutes: float) -> None:
+    trainer._deadline = trainer._t0 + 60 * minutes
+    trainer._train_deadline = trainer._deadline - 5.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="hippocampus,hippocampus_5mm,phantom,phantom_fine")
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unetrpp-own-data"))
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import torch
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d"), "minutes": args.minutes, "sets": {}}
+    for name in args.sets.split(","):
+        root = make_set(name, args.work)
+        entry = {"ours": ours(root, args.minutes)}
+        print(f"{name}: UNETR++ {json.dumps(entry['ours'])}", flush=True)
+        if not args.skip_baseline:
+            entry["basicunet"] = baseline(root, args.minutes, entry["ours"])
+            print(f"{name}: BasicUNet {json.dumps(entry['basicunet'])}", flush=True)
+        report["sets"][name] = entry
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""``Plans``: the typed contract between ``plan``, ``preprocess``, ``train`` and ``predict``.
+
+``unetrpp plan`` writes one ``plans.json``; every later stage reads it through :class:`Plans`,
+never as a loose dict. The plans fix how cases are preprocessed (target spacing, normalisation,
+resampling) and which network trains on them (``network``: every :class:`UNETRPPConfig` field,
+the patch size included), so ``train`` builds exactly that network unless told otherwise.
+
+All shapes, spacings and patch sizes are in array order ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import read_json, write_json
+
+PLANS_VERSION = 2
+#: What changes the preprocessed arrays: a cache made with other values of these is stale.
+_PREPROCESSING_KEYS = ("target_spacing", "normalization", "resampling", "channel_names", "labels")
+
+
+def _floats(v, name: str, path: str, n: int = 3) -> list[float]:
+    try:
+        out = [float(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {name} must be {n} numbers, got {v!r}") from None
+    if len(out) != n or not all(math.isfinite(x) and x > 0 for x in out):
+        raise ValueError(f"{path}: {name} must be {n} positive finite numbers, got {v!r}")
+    return out
+
+
+def _ints(v, name: str, path: str, n: int = 3) -> list[int]:
+    try:
+        out = [int(x) for x in v]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: {name} must be {n} integers, got {v!r}") from None
+    if len(out) != n or any(x < 1 for x in out) or any(float(a) != b for a, b in zip(v, out, strict=True)):
+        raise ValueError(f"{path}: {name} must be {n} positive integers, got {v!r}")
+    return out
+
+
+@dataclass
+class Plans:
+    """Everything ``plan`` decided for a dataset (see ``docs`` in :mod:`unetrpp.data.plan`)."""
+
+    dataset: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    target_spacing: list[float]
+    normalization: list[dict]
+    patch_size: list[int]
+    network: dict  # UNETRPPConfig fields; network["img_size"] == patch_size
+    batch_size: int = 2
+    batch_dice: bool = False
+    preset: str | None = None  # the preset whose blocks the network uses, if one was asked for
+    median_spacing: list[float] = field(default_factory=list)
+    median_shape_after_resampling: list[float] = field(default_factory=list)
+    resampling: dict = field(default_factory=lambda: {"image_order": 3, "label_order": 1,
+                                                      "anisotropy_threshold": 3.0, "low_resolution_axis_order": 0})
+    eval_classes: list[int] | None = None  # the labels the online pseudo-Dice averages (None: all foreground)
+    decisions: list[str] = field(default_factory=list)  # why: one line per planning decision
+    version: int = PLANS_VERSION
+    axes: str = "zyx"
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_classes(self) -> int:
+        return max(int(v) for v in self.labels.values()) + 1
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def patch_divisor(self) -> list[int]:
+        return [int(s) * 8 for s in self.network["stem_stride"]]
+
+    @property
+    def id(self) -> str:
+        """A short hash of everything that changes preprocessed data."""
+        d = self.to_dict()
+        blob = json.dumps({k: d.get(k) for k in _PREPROCESSING_KEYS}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def network_config(self, **overrides):
+        """The planned :class:`UNETRPPConfig`, with ``overrides`` (e.g. a smaller width for a short run)."""
+        from ..network.unetrpp import UNETRPPConfig
+
+        return UNETRPPConfig(**{**self.network, **overrides})
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["num_classes"] = self.num_classes
+        d["patch_divisor"] = self.patch_divisor
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plans") -> Plans:
+        """Validate and build; reads version-1 plans (no ``network``) by planning their network from the preset."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: plans must be a JSON object, got {type(d).__name__}")
+        version = d.get("version", 1)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{source}: plans version must be an integer, got {version!r}")
+        if version > PLANS_VERSION:
+            raise ValueError(f"{source}: plans version {version} is newer than this unetrpp ({PLANS_VERSION})")
+        required = ("target_spacing", "normalization", "patch_size", "channel_names", "labels")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"{source}: not a unetrpp plans file (missing {', '.join(missing)})")
+        labels = d["labels"]
+        if not isinstance(labels, dict) or not labels or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels.values()):
+            raise ValueError(f"{source}: labels must map names to non-negative integers, got {labels!r}")
+        channels = d["channel_names"]
+        if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
+            raise ValueError(f"{source}: channel_names must be a non-empty list of names, got {channels!r}")
+        norm = d["normalization"]
+        if not isinstance(norm, list) or len(norm) != len(channels) or not all(isinstance(n, dict) for n in norm):
+            raise ValueError(f"{source}: normalization must hold one scheme per channel ({len(channels)})")
+        patch = _ints(d["patch_size"], "patch_size", source)
+        network = d.get("network")
+        preset = d.get("preset")
+        if network is None:  # version 1: the network came from --preset at train time (synapse if none)
+            from ..network.presets import get_preset
+
+            network = get_preset(preset or "synapse").config(
+                img_size=patch, in_channels=len(channels), out_channels=max(labels.values()) + 1).to_dict()
+        if not isinstance(network, dict):
+            raise ValueError(f"{source}: network must be a JSON object, got {network!r}")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
+        kw.setdefault("dataset", "")
+        kw.update(target_spacing=_floats(d["target_spacing"], "target_spacing", source), patch_size=patch,
+                  network=network, version=PLANS_VERSION)
+        batch = d.get("batch_size", 2)
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"{source}: batch_size must be a positive integer, got {batch!r}")
+        plans = cls(**kw)
+        try:
+            cfg = plans.network_config()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: network: {str(e).splitlines()[0]}") from None
+        if list(cfg.img_size) != patch:
+            raise ValueError(f"{source}: network img_size {list(cfg.img_size)} differs from patch_size {patch}")
+        if "network" in d and (cfg.in_channels != len(channels) or cfg.out_channels != plans.num_classes):
+            raise ValueError(f"{source}: the network takes {cfg.in_channels} channel(s) / {cfg.out_channels} classes, "
+                             f"the dataset has {len(channels)} / {plans.num_classes}")
+        plans.network = json.loads(json.dumps(cfg.to_dict()))
+        return plans
+
+    @classmethod
+    def coerce(cls, plans: Plans | dict, source: str = "plans") -> Plans:
+        return plans if isinstance(plans, Plans) else cls.from_dict(plans, source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plans:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "plans.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no plans; run `unetrpp plan {path.parent}` first")
+        return cls.from_dict(read_json(path), str(path))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(self.to_dict(), path)

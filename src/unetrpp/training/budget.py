@@ -1,0 +1,202 @@
+"""Fitting a training run to the compute it has: the short-run recipe and the whole-job time budget.
+
+The paper's recipe (SGD, Nesterov momentum 0.99, lr 1e-2, 1000 x 250 steps) is made for 250,000
+steps on a GPU. With a time budget that buys far fewer steps (any budget of minutes or hours on a
+CPU, a short one on a GPU), it does not learn: on hippocampus MRI, SGD at momentum 0.99 still had a
+pseudo-Dice of 0.000 after 100 steps, where AdamW at lr 3e-3 reached 0.80 in 300 steps
+(docs/benchmarks.md). So a budgeted run is planned for its budget, by one rule:
+
+1. Measure, on this device, one training step of a ladder of networks, cheapest first: the plans'
+   network at width 8 with the plans' patch shrunk to 1/8, 1/4 and 1/2 of its voxels, then at the
+   full patch, then the plans' own width. The walk stops at the first rung that cannot make
+   ``TARGET_STEPS`` steps in the training part of the budget; the last rung that can is taken
+   (the cheapest one if none can). More steps beat a bigger network in a short run; a bigger
+   patch (context) beats a wider network.
+2. If even the plans' network makes ``FULL_RUN_STEPS`` steps, the run is not short: the paper's
+   recipe. Otherwise: AdamW, lr 3e-3, weight decay 3e-5, poly decay over the budget, epochs of
+   about a minute, validation batches about a tenth of the training ones.
+3. The final whole-case validation gets at most ``FINAL_VALIDATION_FRACTION`` of the budget:
+   with mirroring if it fits, else without, else on as many evenly spaced cases as fit, else
+   skipped; and it stops early if the deadline comes anyway. Every choice is said in the log.
+
+Everything measured and chosen is recorded in ``train_config.json`` (``recipe_notes``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.plan import plan_patch_size
+from ..data.plans import Plans
+
+#: Steps a short run should make: the demo reached 0.85 Dice in ~700, hippocampus 0.80 in 300.
+TARGET_STEPS = 600
+#: A run that can make this many steps with the plans' network gets the paper's recipe.
+FULL_RUN_STEPS = 50_000
+SHORT_OPTIMIZER, SHORT_LR = "adamw", 3e-3
+#: Share of the budget the final whole-case validation may take.
+FINAL_VALIDATION_FRACTION = 0.10
+#: Share of the budget kept back for start-up (imports, planning the run) and exit.
+MARGIN_FRACTION = 0.03
+#: Seconds per case for restoring, writing and scoring a prediction, on top of the network passes.
+CASE_OVERHEAD_S = 0.5
+MIRRORS = 8
+#: Seconds kept for writing the final checkpoints (and the guess of an epoch's validation + writing).
+END_RESERVE_S = 2.0
+
+
+@dataclass
+class Probe:
+    feature_size: int
+    patch: list[int]
+    step_s: float
+    forward_s: float  # one window (batch 1), inference mode
+
+
+@dataclass
+class RunPlan:
+    """What the budget decided: the network, the recipe, the final validation."""
+
+    short: bool
+    feature_size: int
+    patch: list[int]
+    step_s: float
+    forward_s: float
+    iters_per_epoch: int | None = None
+    val_iters: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_step(model_config: dict, batch: int, device: torch.device, amp: str = "off",
+                 steps: int = 2) -> tuple[float, float]:
+    """Seconds of one training step (the fastest after the first) and of one inference window."""
+    from ..inference.sliding_window import autocast_for
+    from ..network.unetrpp import UNETRPP
+    from .loss import DeepSupervisionLoss, DiceCELoss
+
+    rng = torch.get_rng_state()
+    try:
+        model = UNETRPP(**model_config).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
+        loss_fn = DeepSupervisionLoss(DiceCELoss())
+        cfg = model.config
+        x = torch.randn(batch, cfg.in_channels, *cfg.img_size, device=device)
+        y = torch.randint(0, cfg.out_channels, (batch, *cfg.img_size), device=device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with autocast_for(device, amp):
+                out = model(x)
+            loss_fn(out, y).backward()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        model.eval()
+        model.deep_supervision = False
+        with torch.no_grad(), autocast_for(device, amp):
+            t0 = time.perf_counter()
+            model(x[:1])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            fwd = time.perf_counter() - t0
+        return min(times[1:] or times), fwd
+    finally:
+        torch.set_rng_state(rng)
+
+
+def shrink_patch(plans: Plans, patch: list[int], factor: float) -> list[int]:
+    """``patch`` shrunk (physically longest axis first, in the network's multiples) to <= voxels / factor."""
+    budget = max(1, int(math.prod(patch) / factor))
+    return plan_patch_size(patch, plans.target_spacing, plans.patch_divisor, max_voxels=budget,
+                           stem_stride=plans.network["stem_stride"])
+
+
+def ladder(plans: Plans, patch: list[int], width: int) -> list[tuple[int, list[int]]]:
+    """Cheapest first: width 8 at 1/8, 1/4, 1/2 and all of the patch, then the plans' width."""
+    small = min(8, width)
+    rungs: list[tuple[int, list[int]]] = []
+    for factor in (8, 4, 2, 1):
+        p = shrink_patch(plans, patch, factor) if factor > 1 else list(patch)
+        if (small, p) not in rungs:
+            rungs.append((small, p))
+    if width != small:
+        rungs.append((width, list(patch)))
+    return rungs
+
+
+def plan_run(plans: Plans, budget_s: float, device: torch.device, batch: int, amp: str,
+             model_config: dict, patch: list[int] | None = None, width: int | None = None,
+             fixed_network: bool = False, log=print) -> RunPlan:
+    """Choose the network and recipe for a run of ``budget_s`` seconds (module docstring)."""
+    patch = list(patch or plans.patch_size)
+    width = int(width or model_config["feature_size"])
+    train_s = budget_s * (1 - FINAL_VALIDATION_FRACTION - MARGIN_FRACTION)
+    t_max = train_s / TARGET_STEPS
+    rungs = [(width, patch)] if fixed_network else ladder(plans, patch, width)
+    chosen: Probe | None = None
+    first: Probe | None = None
+    notes = []
+    for f, p in rungs:
+        step, fwd = measure_step({**model_config, "feature_size": f, "img_size": p}, batch, device, amp)
+        probe = Probe(f, p, step, fwd)
+        first = first or probe
+        notes.append(f"measured: width {f}, patch {tuple(p)}: {step:.2f} s per step of {batch}, "
+                     f"{fwd:.3f} s per window -> {train_s / step:.0f} steps in {train_s / 60:.1f} min")
+        log(notes[-1])
+        if step > t_max and not fixed_network:
+            break
+        chosen = probe
+    if chosen is None:
+        chosen = first
+        notes.append(f"even the cheapest network makes only {train_s / chosen.step_s:.0f} steps (< {TARGET_STEPS}): "
+                     "taken anyway; a longer --time-budget would learn more")
+    steps = train_s / chosen.step_s
+    short = not (chosen.feature_size == width and chosen.patch == patch and steps >= FULL_RUN_STEPS)
+    run = RunPlan(short, chosen.feature_size, chosen.patch, chosen.step_s, chosen.forward_s, notes=notes)
+    if short:
+        run.iters_per_epoch = int(min(250, max(10, round(60 / chosen.step_s))))
+        run.val_iters = max(2, run.iters_per_epoch // 10)
+        notes.append(f"short run ({steps:.0f} steps < {FULL_RUN_STEPS}): width {chosen.feature_size}, patch "
+                     f"{tuple(chosen.patch)}, {SHORT_OPTIMIZER} lr {SHORT_LR:g} with poly decay over the budget, "
+                     f"{run.iters_per_epoch} steps + {run.val_iters} validation batches per epoch")
+    else:
+        notes.append(f"full run ({steps:.0f} steps): the paper's recipe")
+    return run
+
+
+def windows_per_case(shape, patch, step: float = 0.5) -> int:
+    n = 1
+    for s, p in zip(shape, patch, strict=True):
+        s = max(math.ceil(s), p)
+        n *= 1 if s <= p else math.ceil((s - p) / (p * step)) + 1
+    return n
+
+
+def plan_final_validation(n_cases: int, windows: int, forward_s: float, allowance_s: float,
+                          tta: bool) -> tuple[int, bool, str]:
+    """How many cases, and whether with mirroring, the final validation can afford: ``(cases, tta, why)``."""
+    one = windows * forward_s
+    with_tta, without = MIRRORS * one + CASE_OVERHEAD_S, one + CASE_OVERHEAD_S
+    if tta and n_cases * with_tta <= allowance_s:
+        return n_cases, True, f"all {n_cases} case(s) with mirroring (about {n_cases * with_tta / 60:.1f} min)"
+    if n_cases * without <= allowance_s:
+        why = "without mirroring to fit the budget" if tta else "without mirroring"
+        return n_cases, False, f"all {n_cases} case(s) {why} (about {n_cases * without / 60:.1f} min)"
+    k = int(allowance_s // without)
+    if k >= 1:
+        return k, False, (f"{k} of {n_cases} case(s), evenly spaced, without mirroring: all would take about "
+                          f"{n_cases * without / 60:.1f} min, {allowance_s / 60:.1f} min are left for it")
+    return 0, False, f"skipped: one case would take about {without / 60:.1f} min, {allowance_s / 60:.1f} min are left"
+
+
+def evenly_spaced(names: list[str], k: int) -> list[str]:
+    if k >= len(names):
+        return list(names)
+    idx = sorted({round(i * (len(names) - 1) / max(k - 1, 1)) for i in range(k)})
+    return [names[i] for i in idx]

@@ -1,0 +1,271 @@
+"""Hostile and broken inputs (issue 14): each is refused in one line naming the file or entry, and
+nothing is written under a final name."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from test_convert import _msd_task
+from test_inference import _checkpoint, _tiny
+from test_inference import _plans as _inference_plans
+from unetrpp.cli.main import main
+from unetrpp.data.check import check_dataset
+from unetrpp.data.convert import convert_msd
+from unetrpp.data.layout import load_splits, safe_case_name
+from unetrpp.data.preprocess import load_case
+from unetrpp.data.validate import label_problem
+from unetrpp.io import ImageReadError, NonFiniteError, read_image, write_image
+from unetrpp.training.sampler import CaseCache
+from volumes import GEOMETRIES, make_v2_dataset
+
+
+def _plans():
+    return {**_inference_plans(), "dataset": "test"}
+
+
+def _one_line_error(capsys, argv, *needles) -> str:
+    """Run the CLI; it must exit 2 with one line ``unetrpp CMD: error: ...`` holding every needle."""
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"unetrpp {argv[0]}: error: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+# ---------------------------------------------------------------------- 2: convert msd stays inside the task
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "test_entry"])
+def test_msd_entries_must_stay_inside_the_task_folder(tmp_path, capsys, kind):
+    src = _msd_task(tmp_path / "Task04", ["h_001", "h_002"], 1, test=["h_009"])
+    secret = tmp_path / "secret" / "id_rsa.nii.gz"
+    secret.parent.mkdir()
+    secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    meta = json.loads((src / "dataset.json").read_text())
+    if kind == "absolute":
+        meta["training"][1]["label"] = entry = str(secret)
+    elif kind == "dotdot":
+        meta["training"][1]["image"] = entry = "./imagesTr/../../secret/id_rsa.nii.gz"
+    elif kind == "symlink":
+        (src / "labelsTr" / "h_002.nii.gz").unlink()
+        (src / "labelsTr" / "h_002.nii.gz").symlink_to(secret)
+        entry = meta["training"][1]["label"]
+    else:
+        meta["test"] = [{"image": "../secret/id_rsa.nii.gz"}]
+        entry = "../secret/id_rsa.nii.gz"
+    (src / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="points outside") as e:
+        convert_msd(src, tmp_path / "out")
+    assert repr(entry) in str(e.value) and "dataset.json" in str(e.value)
+    assert _files(tmp_path / "out") == []  # every entry is checked before the first copy
+    _one_line_error(capsys, ["convert", "msd", src, tmp_path / "out2", "--workers", 1], "dataset.json", "outside")
+    assert _files(tmp_path / "out2") == []
+
+
+def test_msd_malformed_entries_are_one_line(tmp_path, capsys):
+    src = _msd_task(tmp_path / "Task04", ["h_001", "h_002"], 1)
+    meta = json.loads((src / "dataset.json").read_text())
+    for bad, needle in ((["x"], "training[0] must be"), ([{"image": 3, "label": "x"}], "training[0].image: 3"),
+                        ([{"image": "./imagesTr", "label": "./labelsTr/h_001.nii.gz"}], "is not a file")):
+        (src / "dataset.json").write_text(json.dumps({**meta, "training": bad}))
+        _one_line_error(capsys, ["convert", "msd", src, tmp_path / "out", "--workers", 1], needle)
+        assert _files(tmp_path / "out") == []
+
+
+# ---------------------------------------------------------------------- 3: splits.json names
+BAD_NAMES = ["../../outside/evil", "/etc/passwd", "a/b", "a\\b", "..", "", "x\0y", "C:evil", 7]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_safe_case_name_refuses_paths(name):
+    with pytest.raises(ValueError, match="not a plain name"):
+        safe_case_name(name, "splits.json")
+
+
+def test_safe_case_name_keeps_plain_names():
+    for n in ("case_001", "lung_001", "BRATS 2", "a.b"):
+        assert safe_case_name(n, "x") == n
+
+
+@pytest.mark.parametrize("name", ["../../outside/evil", "/tmp/abs", "..", "case_999"])
+def test_splits_names_must_be_training_cases(tmp_path, capsys, name):
+    ds = make_v2_dataset(tmp_path / "ds", cases=3)
+    splits = [{"train": ["case_000", name], "val": ["case_002"]}]
+    (ds / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(ValueError, match=r"splits\.json: fold 0 'train'") as e:
+        load_splits(ds)
+    assert repr(name) in str(e.value)
+    # through the CLI: `plan` reads the splits
+    _one_line_error(capsys, ["plan", ds, "--workers", 1], "splits.json", repr(name))
+
+
+def test_splits_structure_is_checked(tmp_path):
+    ds = make_v2_dataset(tmp_path / "ds", cases=3)
+    (ds / "splits.json").write_text(json.dumps([{"train": "case_000", "val": []}]))
+    with pytest.raises(ValueError, match="fold 0 'train' must be a list"):
+        load_splits(ds)
+
+
+def test_preprocessed_case_names_never_leave_the_folder(tmp_path):
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (tmp_path / "evil.json").write_text("{}")
+    np.save(tmp_path / "evil.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="not a plain name"):
+        load_case(pre, "../evil")
+    with pytest.raises(ValueError, match=r"'\.\./evil' is not a plain name"):
+        CaseCache(pre, ["../evil"])
+
+
+# ---------------------------------------------------------------------- 4: undeclared label values
+@pytest.mark.parametrize(
+    ("value", "dtype", "needle"),
+    [(258, np.uint16, "values [258] not declared"), (5, np.uint8, "values [5] not declared"),
+     (-1, np.int16, "values [-1] not declared"), (10**9, np.int32, "values [1000000000] not declared"),
+     (1e9, np.float32, "values [1000000000] not declared"), (2.5, np.float32, "non-integer values [2.5]")],
+)  # fmt: skip
+def test_undeclared_labels_are_refused_by_plan_and_preprocess(tmp_path, capsys, value, dtype, needle):
+    ds = make_v2_dataset(tmp_path / "ds", cases=3)
+    assert main(["plan", str(ds), "--workers", "1"]) == 0
+    capsys.readouterr()
+    path = ds / "labelsTr" / "case_001.nii.gz"
+    lab, g = read_image(path)
+    lab = lab.astype(dtype)
+    lab[0, 0, 0] = value
+    write_image(lab, g, path)
+    # preprocess (with the plans made before) and plan both name the file, the values and the declared set
+    _one_line_error(capsys, ["preprocess", ds, "--workers", 1], str(path), needle, "[0, 1, 2]")
+    assert not [f for f in _files(ds / "preprocessed") if f.startswith("case_001")]
+    _one_line_error(capsys, ["plan", ds, "--workers", 1], str(path), needle, "[0, 1, 2]")
+    # check says the same thing about the same case
+    assert any(p.case == "case_001" and needle in p.message for p in check_dataset(ds))
+
+
+def test_label_problem_lists_a_few_values_and_allocates_nothing_by_value():
+    lab = np.zeros((4, 4, 4), np.int64)
+    lab[0, 0, :] = [2**62, 9, 8, 7]
+    lab[1, 0, :] = [6, 5, 1, 3]
+    msg = label_problem(lab, [0, 1])
+    assert msg == "values [3, 5, 6, 7, 8] and 2 more not declared in dataset.json [0, 1]"
+    assert label_problem(lab.astype(np.uint8) * 0, [0, 1]) is None
+    assert label_problem(np.array([[[0.0, 1.0]]], np.float64), [0, 1]) is None
+
+
+# ---------------------------------------------------------------------- 5: NaN/inf voxels and bad spacing
+def _patch_nifti(path, offset, fmt, *values):
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(raw) if gz else raw)
+    struct.pack_into("<" + fmt, raw, offset, *values)
+    path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+
+
+def _nan_volume():
+    a = np.random.default_rng(0).normal(100, 10, (6, 7, 8)).astype(np.float32)
+    a[1, 2, 3], a[2, 3, 4], a[3, 4, 5] = np.nan, np.inf, -np.inf
+    return a
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_nan_and_inf_voxels_are_refused(tmp_path, ending):
+    path = write_image(_nan_volume(), GEOMETRIES["oblique"], tmp_path / f"x{ending}")
+    with pytest.raises(NonFiniteError, match="3 NaN/inf voxels") as e:
+        read_image(path)
+    assert str(e.value).startswith(f"{path}: ") and isinstance(e.value, ValueError)
+
+
+def test_nan_is_found_in_the_raw_nifti_data_even_behind_scl_inter(tmp_path):
+    # ITK zeroes NaN, then applies slope/intercept: the voxel comes back as 5.0, not 0 and not NaN
+    path = write_image(_nan_volume(), GEOMETRIES["lps"], tmp_path / "x.nii.gz")
+    _patch_nifti(path, 112, "2f", 2.0, 5.0)
+    with pytest.raises(NonFiniteError, match="3 NaN/inf voxels"):
+        read_image(path)
+
+
+def test_float_nifti_with_zeros_and_no_nan_reads(tmp_path):
+    a = np.zeros((5, 6, 7), np.float32)
+    a[1:3] = 2.5
+    path = write_image(a, GEOMETRIES["lps"], tmp_path / "x.nii.gz")
+    np.testing.assert_array_equal(read_image(path)[0], a)
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -1.5, float("inf")])
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_bad_nifti_spacing_is_refused(tmp_path, value, ending):
+    path = write_image(np.ones((4, 5, 6), np.int16), GEOMETRIES["lps"], tmp_path / f"x{ending}")
+    _patch_nifti(path, 80, "f", value)  # pixdim[1]: the x spacing; ITK would read 1 mm (or its absolute value)
+    with pytest.raises(ImageReadError, match="bad spacing in header: pixdim") as e:
+        read_image(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_nan_image_fails_plan_preprocess_and_predict_in_one_line(tmp_path, capsys):
+    ds = make_v2_dataset(tmp_path / "ds", cases=3)
+    assert main(["plan", str(ds), "--workers", "1"]) == 0
+    capsys.readouterr()
+    path = ds / "imagesTr" / "case_002_0000.nii.gz"
+    a, g = read_image(path)
+    a[3, 3, 3] = np.nan
+    write_image(a, g, path)
+    _one_line_error(capsys, ["plan", ds, "--workers", 1], str(path), "1 NaN/inf voxels")
+    _one_line_error(capsys, ["preprocess", ds, "--workers", 1], str(path), "1 NaN/inf voxels")
+    assert not [f for f in _files(ds / "preprocessed") if f.startswith("case_002")]
+    ckpt = _checkpoint(tmp_path / "m.pt", _tiny(), _plans())
+    _one_line_error(capsys, ["predict", "-i", path, "-o", tmp_path / "pred", "-m", ckpt], str(path), "NaN/inf")
+    assert _files(tmp_path / "pred") == []
+
+
+# ---------------------------------------------------------------------- 8, 9: predict outputs
+@pytest.fixture
+def predict_setup(tmp_path):
+    image = np.random.default_rng(1).normal(40, 60, (18, 30, 27)).astype(np.int16)
+    write_image(image, GEOMETRIES["lps"], tmp_path / "in" / "case.nii.gz")
+    return tmp_path / "in", _checkpoint(tmp_path / "m.pt", _tiny(), _plans())
+
+
+def test_predict_refuses_to_write_over_its_input(tmp_path, capsys, predict_setup):
+    inp, ckpt = predict_setup
+    before = (inp / "case.nii.gz").read_bytes()
+    (tmp_path / "link").symlink_to(inp)
+    for out in (inp, tmp_path / "link", tmp_path / "in" / "."):
+        _one_line_error(capsys, ["predict", "-i", inp, "-o", out, "-m", ckpt, "--overwrite", "--no-tta"],
+                        "the output is the input")
+    f = inp / "case.nii.gz"
+    _one_line_error(capsys, ["predict", "-i", f, "-o", f, "-m", ckpt, "--overwrite", "--no-tta"],
+                    "the output is the input")
+    # a single file into its own folder: the output file would be the input file
+    _one_line_error(capsys, ["predict", "-i", f, "-o", inp, "-m", ckpt, "--overwrite", "--no-tta"],
+                    f"{f}: this output would replace the input")
+    assert (inp / "case.nii.gz").read_bytes() == before and _files(inp) == ["case.nii.gz"]
+
+
+def test_predict_redoes_a_case_until_every_requested_output_exists(tmp_path, capsys, predict_setup):
+    inp, ckpt = predict_setup
+    out = tmp_path / "out"
+    run = ["predict", "-i", str(inp), "-o", str(out), "-m", str(ckpt), "--no-tta"]
+    assert main(run) == 0
+    assert _files(out) == ["case.nii.gz"]
+    capsys.readouterr()
+    assert main([*run, "--preview"]) == 0
+    assert "predicted 1 case(s)" in capsys.readouterr().out
+    assert _files(out) == ["case.nii.gz", "case.png"]
+    assert main([*run, "--save-probabilities", "--preview"]) == 0
+    assert "predicted 1 case(s)" in capsys.readouterr().out
+    assert _files(out) == ["case.nii.gz", "case.npz", "case.png"]
+    with np.load(out / "case.npz") as z:
+        assert z["probabilities"].shape[0] == 3
+    # everything asked for exists: skipped
+    stamp = os.stat(out / "case.nii.gz").st_mtime_ns
+    assert main([*run, "--save-probabilities"]) == 0
+    assert "predicted 0 case(s)" in capsys.readouterr().out
+    assert os.stat(out / "case.nii.gz").st_mtime_ns == stamp
