@@ -19,7 +19,7 @@ whole (sliding window, mirroring) and scored the same way.
 Datasets (made here, nothing downloaded):
 * ``hippocampus``: MSD Task04 from ../shared/data/hippocampus (260 T1 MRIs, 1 mm).
 * ``hippocampus_5mm``: the same resampled to 5 mm slices along the first array axis (cubic for
-  the images, nearest for the labels): a strongly anisotropic MRI set, 7-9 slices per case.
+  the images, per-class linear masks for the labels): a strongly anisotropic MRI set, 7-9 slices per case.
 * ``phantom``: 40 + 10 portal-venous phantom CTs at their own spacing (about 5 x 2.8 x 2.8 mm).
 * ``phantom_fine``: the same cases resampled to 2.5 x 1.4 x 1.4 mm (8x the voxels).
 
@@ -64,7 +64,7 @@ def _hold_out(root: Path, every: int = 5) -> None:
 
 
 def _resampled_copy(src: Path, dst: Path, spacing_zyx) -> Path:
-    """``src`` (a v2 dataset) resampled to ``spacing_zyx``: images cubic, labels nearest, same origin/direction."""
+    """``src`` (a v2 dataset) resampled to ``spacing_zyx``: images cubic, labels as per-class masks, same origin."""
     import numpy as np
 
     from unetrpp.data.resample import new_shape_for, resample_image, resample_label
@@ -81,7 +81,7 @@ def _resampled_copy(src: Path, dst: Path, spacing_zyx) -> Path:
             lab_dir = "labelsTr" if folder == "imagesTr" else "labelsTs"
             lab_file = src / lab_dir / (f.name[: -len("_0000.nii.gz")] + ".nii.gz")
             lab, lg = read_image(lab_file)
-            seg = resample_label(lab.astype(np.uint8), shape, None, 0)
+            seg = resample_label(lab.astype(np.uint8), shape, None, 1)
             write_image(seg.astype(np.uint8), lg.with_spacing_zyx(spacing_zyx), dst / lab_dir / lab_file.name)
     return dst
 

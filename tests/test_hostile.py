@@ -269,3 +269,59 @@ def test_predict_redoes_a_case_until_every_requested_output_exists(tmp_path, cap
     assert main([*run, "--save-probabilities"]) == 0
     assert "predicted 0 case(s)" in capsys.readouterr().out
     assert os.stat(out / "case.nii.gz").st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------------- 1: a full disk never installs a bad file
+def test_a_short_image_write_is_caught_before_the_rename(tmp_path, monkeypatch):
+    """ITK's writer does not report a short write: a truncated file must never reach its final name."""
+    import SimpleITK as sitk
+
+    real = sitk.WriteImage
+
+    def short_write(image, path, *args):  # what a full disk does: the file is cut, no error is raised
+        real(image, path, *args)
+        with open(path, "rb+") as f:
+            f.truncate(max(os.path.getsize(path) // 3, 10))
+
+    arr = np.arange(8 * 9 * 10, dtype=np.int16).reshape(8, 9, 10)
+    target = tmp_path / "out" / "seg.nii.gz"
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    with pytest.raises(ValueError, match=r"seg\.nii\.gz: the written file does not read back \(disk full\?\)"):
+        write_image(arr, GEOMETRIES["lps"], target)
+    assert _files(tmp_path / "out") == []  # neither the final name nor a .partial
+    monkeypatch.setattr(sitk, "WriteImage", real)
+    write_image(arr, GEOMETRIES["lps"], target)
+    np.testing.assert_array_equal(read_image(target)[0], arr)
+
+
+def test_a_full_disk_during_an_atomic_write_keeps_the_old_file_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from unetrpp.io import write_json
+
+    path = tmp_path / "plans.json"
+    write_json({"a": 1}, path)
+    ds = make_v2_dataset(tmp_path / "ds", cases=2, channels=1)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json({"a": 2}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [f for f in _files(tmp_path) if not f.startswith("ds")] == ["plans.json"]
+    # through the CLI: one line naming the file, the traceback only with --debug
+    _one_line_error(capsys, ["plan", ds, "--workers", 1], "No space left on device")
+    with pytest.raises(OSError, match="No space left"):
+        main(["plan", str(ds), "--workers", "1", "--debug"])
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    from unetrpp.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        a = write_json({"a": 1}, tmp_path / "a.json")
+        b = write_image(np.zeros((4, 4, 4), np.uint8), GEOMETRIES["lps"], tmp_path / "b.nii.gz")
+    finally:
+        os.umask(old)
+    assert (a.stat().st_mode & 0o777) == 0o644 and (b.stat().st_mode & 0o777) == 0o644

@@ -12,10 +12,11 @@ What the demo changes to fit minutes on a CPU instead of hours on a GPU (all rec
 CT is read; ``unetrpp phantom`` without ``--contrast`` makes the harder unenhanced kind); a coarse
 target spacing (6 x 4 x 4 mm) and a 16 x 64 x 64 patch (96 x 256 x 256 mm, most of the abdomen in
 plane), so a step takes under a second on two cores; the Synapse preset's blocks at half width
-(feature size 8, 6.2 M parameters); AdamW (lr 6e-3, poly decay over the budget), which learns
+(feature size 8, 6.2 M parameters); AdamW (lr 6e-3, poly decay over the steps), which learns
 faster than the recipe's SGD in a few hundred steps; no augmentation (the held-out phantoms come
 from the training distribution; without mirroring the network may use left and right from the
-first steps). docs/benchmarks.md records what these choices were measured against.
+first steps); patches drawn in the training process (no loader process competing for the cores).
+docs/benchmarks.md records what these choices were measured against.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def run_demo(
         preset="synapse", fold="all", epochs=epochs, iters_per_epoch=DEMO_ITERS, val_iters=2,
         optimizer="adamw", lr=DEMO_LR, model_overrides=DEMO_MODEL, augment=DEMO_AUGMENT,
         amp=("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off", device=dev,
-        workers=0 if not cuda else 4, final_validation=False, seed=seed, recipe="paper",
+        workers=0 if not cuda else 4, final_validation=False, seed=seed, recipe="short",
     )
     trainer = Trainer(data, cfg, out_dir=run_dir)
     step_s, _ = measure_step(trainer.model_config, trainer.batch, trainer.device, cfg.amp)

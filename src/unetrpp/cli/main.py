@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unetrpp", description="UNETR++ for 3D medical image segmentation."
     )
     parser.add_argument("--version", action="version", version=f"unetrpp {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.add_parser(sub)
@@ -40,15 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("unetrpp: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"unetrpp {args.command}: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and e.filename and e.strerror:  # e.g. a full disk: name the file
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"unetrpp {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .jsonio import follow_umask
+
 #: File endings we read and write, longest first so ``.nii.gz`` wins over ``.gz``.
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -355,6 +357,31 @@ _WRITABLE = {
 }
 
 
+def _verify_written(tmp: str, array: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """Read a just-written volume back before it is renamed into place.
+
+    ITK's writers do not report a short write (a full disk leaves a truncated file and no error), so
+    the file is synced, read back and compared voxel for voxel, with its geometry.
+    """
+    sitk = _sitk()
+    try:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if tmp.endswith((".nii", ".nii.gz")):
+            _verify_nifti(Path(tmp))
+        back = sitk.ReadImage(tmp)
+        data = sitk.GetArrayViewFromImage(back)
+        if np.issubdtype(array.dtype, np.floating):  # NIfTI reads NaN/inf back as 0: compare the finite part
+            same = np.array_equal(np.where(np.isfinite(data), data, 0), np.where(np.isfinite(array), array, 0))
+        else:
+            same = np.array_equal(data, array)
+        same = same and np.allclose(back.GetSpacing(), geometry.spacing, rtol=1e-5)
+    except (RuntimeError, ImageReadError, OSError) as e:
+        raise ImageWriteError(f"{path}: the written file does not read back (disk full?): {_first_line(e)}") from None
+    if not same:
+        raise ImageWriteError(f"{path}: the written file differs from the data (disk full or faulty storage?)")
+
+
 def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write a 3D ``(z, y, x)`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
     sitk = _sitk()
@@ -384,6 +411,8 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
+        _verify_written(tmp, array, geometry, path)
+        follow_umask(tmp)
         os.replace(tmp, path)
     except RuntimeError as e:
         raise ImageWriteError(f"{path}: {_first_line(e)}") from None

@@ -10,8 +10,19 @@ from pathlib import Path
 import numpy as np
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a temporary file (created 0600) the mode a plain ``open`` would have given it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write(path: Path, write) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(file)`` on a temporary file beside ``path``, sync it, then rename it into place.
+
+    A short write (a full disk) raises from ``write``, ``flush`` or ``fsync``, before the rename:
+    the final name then keeps its previous content, and no temporary file is left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -20,6 +31,7 @@ def atomic_write(path: Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

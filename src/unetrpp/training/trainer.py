@@ -150,6 +150,7 @@ class Trainer:
         self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
         self._log_file = None
         self._stop: str | None = None
+        self._logged_a_step = False
         self._final_val: tuple[list[str], bool] = (list(self.val_names), config.final_validation_tta)
         self._deadline = self._train_deadline = None
 
@@ -462,7 +463,7 @@ class Trainer:
         progress = epoch / self.cfg.epochs
         if self._train_deadline is not None:  # the schedule follows the training part of the budget
             span = self._train_deadline + self._elapsed0 - self._t0
-            progress = max(progress, (self._t0 - self._t_process + elapsed_s) / max(span, 1e-9))
+            progress = max(progress, (elapsed_s + self._t_process - self._t0) / max(span, 1e-9))  # since t0
         elif self.cfg.time_budget_min:
             progress = max(progress, elapsed_s / (60 * self.cfg.time_budget_min))
         return poly_lr(self.cfg.lr, progress, self.cfg.poly_exponent)
@@ -542,7 +543,8 @@ class Trainer:
                 if bar:
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
-                if now - t_log >= cfg.log_every_s or done == 1:
+                if now - t_log >= cfg.log_every_s or not self._logged_a_step:  # the first step, then each interval
+                    self._logged_a_step = True
                     n = done - done_log
                     rate = n / max(now - t_log, 1e-9)
                     left = (cfg.iters_per_epoch - done) / max(rate, 1e-9)
