@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -325,3 +326,108 @@ def test_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (a.stat().st_mode & 0o777) == 0o644 and (b.stat().st_mode & 0o777) == 0o644
+
+
+# ---------------------------------------------------------------------- 6, 10: checkpoints that are damaged or odd
+def _saved_tiny(tmp_path):
+    from unetrpp.checkpoint import load_checkpoint
+
+    model = _tiny()
+    path = _checkpoint(tmp_path / "m.pt", model, _plans())
+    return path, load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["nan", "bitflip", "unknown_key", "config_not_dict", "string_version"])
+def test_damaged_or_odd_checkpoints_are_refused_in_one_line(tmp_path, capsys, damage):
+    import torch
+
+    path, ckpt = _saved_tiny(tmp_path)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 4)
+    needle = {"nan": "holds NaN/inf values", "bitflip": "do not match their checksum",
+              "unknown_key": "unknown keys banana", "config_not_dict": "model_config must be a dict",
+              "string_version": "version must be an integer"}[damage]
+    if damage == "bitflip":  # one bit of one weight changed after saving
+        w = ckpt["state_dict"][key]
+        w.view(-1).view(torch.int32)[3] ^= 1 << 20
+        torch.save(ckpt, path)
+    else:
+        if damage == "nan":
+            ckpt["state_dict"][key].view(-1)[0] = float("nan")
+        elif damage == "unknown_key":
+            ckpt["model_config"]["banana"] = 1
+        elif damage == "config_not_dict":
+            ckpt["model_config"] = [1, 2]
+        else:
+            ckpt["version"] = "1"
+        from unetrpp.checkpoint import save_checkpoint
+
+        save_checkpoint({k: v for k, v in ckpt.items() if k not in ("format", "version")}, path)
+        if damage == "string_version":
+            raw = torch.load(path, weights_only=True)
+            raw["version"] = "1"
+            torch.save(raw, path)
+    img = tmp_path / "ct.nii.gz"
+    write_image(np.zeros((8, 16, 16), np.float32), GEOMETRIES["lps"], img)
+    _one_line_error(capsys, ["predict", "-i", img, "-o", tmp_path / "out.nii.gz", "-m", path, "--device", "cpu"],
+                    str(path), needle)
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+# ---------------------------------------------------------------------- 7: worker pools die with their parent
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_pool_workers_end_when_the_parent_is_killed():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from unetrpp.parallel import worker_pool; import time\n"
+            "p = worker_pool(2); list(p.map(abs, [1, 2, 3, 4]))\nprint('ready', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in _state(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in _state(w)]
+    # and every pool of the package is made that way
+    import unetrpp
+
+    src = Path(unetrpp.__file__).parent
+    direct = [p.name for p in src.rglob("*.py") if "ProcessPoolExecutor(" in p.read_text() and p.name != "parallel.py"]
+    assert direct == []
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+# ---------------------------------------------------------------------- 10: a dataset with no training case
+def test_check_does_not_pass_a_dataset_without_training_cases(tmp_path):
+    root = make_v2_dataset(tmp_path / "ds", cases=2, channels=1)
+    for f in [*(root / "imagesTr").iterdir(), *(root / "labelsTr").iterdir()]:
+        f.unlink()
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["numTraining"] = 0
+    (root / "dataset.json").write_text(json.dumps(meta))
+    problems = check_dataset(root)
+    assert any("no training cases" in p.message for p in problems), problems

@@ -9,6 +9,7 @@ history).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -23,9 +24,27 @@ VERSION = 1
 REQUIRED = ("format", "version", "model_config", "plans", "state_dict")
 
 
+def tensors_digest(state: dict) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (a flipped bit changes it)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
-    """Write ``payload`` to ``path`` via a temporary file and a rename: an interrupted write leaves the old file."""
+    """Write ``payload`` to ``path`` via a temporary file and a rename: an interrupted write leaves the old file.
+
+    The weights' digest goes with them (``state_dict_sha256``), so damage on disk is found on load.
+    """
     payload = {"format": FORMAT, "version": VERSION, **payload}
+    if isinstance(payload.get("state_dict"), dict):
+        payload["state_dict_sha256"] = tensors_digest(payload["state_dict"])
     return atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
@@ -46,15 +65,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if ckpt["version"] > VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt['version']} is newer than this unetrpp ({VERSION})")
+    version = ckpt["version"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{path}: checkpoint version must be an integer, got {version!r}")
+    if version > VERSION:
+        raise ValueError(f"{path}: checkpoint format {version} is newer than this unetrpp ({VERSION})")
+    for key, kind in (("model_config", dict), ("plans", dict), ("state_dict", dict)):
+        if not isinstance(ckpt[key], kind):
+            raise ValueError(f"{path}: checkpoint {key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
+    digest = ckpt.get("state_dict_sha256")
+    if digest is not None and digest != tensors_digest(ckpt["state_dict"]):
+        raise ValueError(f"{path}: the weights do not match their checksum (the file was damaged or edited)")
     return ckpt
 
 
-def build_model(ckpt: dict, source: str = "checkpoint"):
-    """The network of a checkpoint, weights loaded, in eval mode."""
-    from .network.unetrpp import UNETRPP, load_state_dict_checked
+def build_model(ckpt: dict, source: str = "checkpoint", allow_nonfinite: bool = False):
+    """The network of a checkpoint, weights loaded, in eval mode; NaN/inf weights refused unless allowed."""
+    import dataclasses
 
-    model = UNETRPP(**ckpt["model_config"])
+    from .network.unetrpp import UNETRPP, UNETRPPConfig, load_state_dict_checked
+
+    config = ckpt["model_config"]
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: model_config must be a dict, got {type(config).__name__}")
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(UNETRPPConfig)})
+    if unknown:
+        raise ValueError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))} "
+                         "(written by a newer unetrpp, or edited?)")
+    try:
+        model = UNETRPP(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: model_config: {str(e).splitlines()[0]}") from None
+    if not allow_nonfinite:
+        for key, t in ckpt["state_dict"].items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{source}: weight {key!r} holds NaN/inf values; the model would predict nothing "
+                                 "(a diverged run?)")
     load_state_dict_checked(model, ckpt["state_dict"], source=source)
     return model.eval()

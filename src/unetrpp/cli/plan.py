@@ -28,9 +28,9 @@ def run(args) -> int:
     from ..data.layout import load_splits
     from ..data.plan import plan_dataset
 
+    load_splits(args.dataset)  # made (or checked) first: a bad splits.json leaves no plans.json behind
     plans = plan_dataset(args.dataset, patch_size=args.patch_size, batch_size=args.batch_size, preset=args.preset,
                          workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)
-    load_splits(args.dataset)
     cfg = plans.network_config()
     from ..network.unetrpp import UNETRPP
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import ImageReadError, NonFiniteError, read_image, read_json
+from ..parallel import worker_pool
 from .layout import _CHANNEL_RE, Case, Dataset, validate_dataset_json
 from .validate import label_problem
 
@@ -98,7 +98,9 @@ def check_dataset(root: str | os.PathLike, workers: int = 1, progress: bool = Fa
     if not (root / "labelsTr").is_dir():
         problems.append(Problem("dataset", "no labelsTr folder"))
     cases = ds.training_cases()
-    if len(cases) != ds.num_training:
+    if not cases:
+        problems.append(Problem("dataset", "no training cases: imagesTr/labelsTr hold no CASE files"))
+    elif len(cases) != ds.num_training:
         msg = f"numTraining is {ds.num_training} but {len(cases)} training cases were found"
         problems.append(Problem("dataset", msg))
     problems += _extra_files(root, ds)
@@ -106,7 +108,7 @@ def check_dataset(root: str | os.PathLike, workers: int = 1, progress: bool = Fa
     jobs = [(c, ds.num_channels, ds.label_values) for c in cases]
     results: list[list[Problem]]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             it = pool.map(_check_case, *zip(*jobs, strict=True), chunksize=4)
             results = list(with_progress(it, len(jobs), progress))
     else:

@@ -23,11 +23,11 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ..io import read_image, read_json, write_image
 from ..io.jsonio import atomic_write
+from ..parallel import worker_pool
 from .layout import fixed_split, kfold_splits, safe_case_name, write_dataset_json, write_splits
 
 BTCV_LABELS = {
@@ -64,7 +64,7 @@ def _run(jobs: list[tuple[Callable, tuple]], workers: int) -> None:
         for fn, args in jobs:
             fn(*args)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         for f in [pool.submit(fn, *args) for fn, args in jobs]:
             f.result()
 

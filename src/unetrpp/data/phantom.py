@@ -15,13 +15,13 @@ Spacing is anisotropic (2-3 mm in plane, 4-6 mm between slices). Deterministic f
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from ..io import Geometry, write_image
+from ..parallel import worker_pool
 from .convert import BTCV_LABELS
 from .layout import kfold_splits, write_dataset_json, write_splits
 
@@ -222,7 +222,7 @@ def make_phantom_dataset(
     jobs += [(out, "imagesTs", "labelsTs", f"phantom_{cases + i:03d}", (seed, cases + i), contrast)
              for i in range(test)]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             for f in [pool.submit(_write_case, *j) for j in jobs]:
                 f.result()
     else:

@@ -31,12 +31,12 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..io import read_case, read_image, write_json
+from ..parallel import worker_pool
 from .check import with_progress as _progress
 from .layout import Case, Dataset
 from .plans import Plans
@@ -87,7 +87,7 @@ def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = Fal
         raise ValueError(f"{dataset.root}: no training cases")
     args = [(c, seed + i) for i, c in enumerate(cases)]
     if workers > 1 and len(args) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             it = pool.map(_fingerprint_case, *zip(*args, strict=False), chunksize=4)
             results = list(_progress(it, len(args), progress, "fingerprint"))
     else:

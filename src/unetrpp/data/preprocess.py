@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..io import Geometry, read_case, read_image, read_json, write_json, write_npy
+from ..parallel import worker_pool
 from .layout import Case, Dataset, safe_case_name
 from .plan import load_plans
 from .plans import Plans
@@ -209,7 +209,7 @@ def preprocess_dataset(
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case")
     try:
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 futures = [pool.submit(_job, c, plans, out_dir) for c in todo]
                 for f in futures:
                     f.result()

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..io import read_image
+from ..parallel import worker_pool
 from .metrics import compare_masks
 
 SYNAPSE8 = {"spleen": [1], "right_kidney": [2], "left_kidney": [3], "gallbladder": [4], "liver": [6],
@@ -80,7 +80,7 @@ def evaluate_pairs(
     """Score ``(case, reference, prediction)`` triples on ``regions``; returns the summary dict."""
     jobs = [(n, Path(g), Path(p), regions, nsd_tolerance, official) for n, g, p in pairs]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             cases = list(pool.map(_case_job, *zip(*jobs, strict=True)))
     else:
         cases = [_case_job(*j) for j in jobs]
