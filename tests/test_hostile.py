@@ -431,3 +431,42 @@ def test_check_does_not_pass_a_dataset_without_training_cases(tmp_path):
     (root / "dataset.json").write_text(json.dumps(meta))
     problems = check_dataset(root)
     assert any("no training cases" in p.message for p in problems), problems
+
+
+# ---------------------------------------------------------------------- 6, 10: more one-line errors
+def test_predict_checks_the_output_location_before_computing(tmp_path, capsys):
+    path, _ = _saved_tiny(tmp_path)
+    img = tmp_path / "in" / "ct.nii.gz"
+    write_image(np.zeros((8, 16, 16), np.float32), GEOMETRIES["lps"], img)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    _one_line_error(capsys, ["predict", "-i", img.parent, "-o", blocker / "out", "-m", path, "--device", "cpu"],
+                    "cannot write predictions there")
+
+
+def test_random_bytes_are_not_called_code_and_damaged_arrays_are_named(tmp_path):
+    from unetrpp.network.official import read_checkpoint
+
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint") as e:
+        read_checkpoint(junk)
+    assert "could run code" not in str(e.value)
+    root = make_v2_dataset(tmp_path / "ds", cases=2, channels=1)
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    np.save(pre / "case_000.npy", np.zeros((1, 4, 4, 4), np.float32))
+    (pre / "case_000_seg.npy").write_bytes((pre / "case_000.npy").read_bytes()[:100])  # cut short
+    np.save(pre / "case_000_locations.npy", np.zeros((0, 4), np.int64))
+    with pytest.raises(ValueError, match=r"case_000_seg\.npy: unreadable preprocessed array"):
+        load_case(pre, "case_000")
+    del root
+
+
+def test_evaluate_refuses_probabilities_as_predictions(tmp_path, capsys):
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[2:4, 2:6, 2:6] = 1
+    write_image(ref, GEOMETRIES["lps"], tmp_path / "ref" / "c.nii.gz")
+    write_image(ref.astype(np.float32) * 0.7, GEOMETRIES["lps"], tmp_path / "pred" / "c.nii.gz")
+    _one_line_error(capsys, ["evaluate", tmp_path / "ref", tmp_path / "pred", "--workers", 1],
+                    "holds non-integer values")

@@ -142,8 +142,9 @@ def test_checkpoint_holds_no_code_and_loads_with_weights_only(dataset, tmp_path)
 
 def test_two_process_gloo_run_trains_and_only_rank0_writes(dataset, tmp_path):
     # one sample per process: the patch must leave more than one voxel at the deepest stage (batch norm there)
+    # with a time budget: rank 0 measures and decides the recipe, and its clock sets every process's lr
     cfg = _config(epochs=2, iters_per_epoch=2, batch_size=2, workers=0, final_validation=True,
-                  final_validation_tta=False, patch_size=[32, 64, 64])
+                  final_validation_tta=False, patch_size=[32, 64, 64], time_budget_min=10)
     script = tmp_path / "run.py"
     script.write_text(RUN)
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -156,7 +157,7 @@ def test_two_process_gloo_run_trains_and_only_rank0_writes(dataset, tmp_path):
     assert log.count("training synapse fold 0 on cpu x2") == 1
     assert log.count("epoch 1:") == 1
     ckpt = load_checkpoint(out / "checkpoint_final.pt")
-    assert ckpt["epoch"] == 2
+    assert ckpt["epoch"] == 2 and log.count("measured: width") == 1 and "short recipe" in log
     assert len(list(csv.DictReader((out / "progress.csv").open()))) == 2
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no stray temporary files
     assert (out / "validation" / "summary.json").exists()

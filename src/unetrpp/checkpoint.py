@@ -61,7 +61,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a loadable unetrpp checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a unetrpp checkpoint (official .model files: `unetrpp convert_weights`)")
+        raise ValueError(f"{path}: not a unetrpp checkpoint (official .model files: `unetrpp convert-weights`)")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")

@@ -106,6 +106,18 @@ def outputs_of(target: Path, save_probabilities: bool, preview: bool) -> list[Pa
     return [target, *(target.with_name(e) for e in extra)]
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file into it, so a read-only or missing location fails first."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unetrpp-probe-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write predictions there ({e.strerror or e})") from None
+
+
 def run(args) -> int:
     import sys
     import time
@@ -127,6 +139,7 @@ def run(args) -> int:
     targets = [(c, files, out if single_file_out else out / f"{c}{ending}") for c, files, ending in cases]
     outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview) for t in targets}
     refuse_overwriting_inputs(inp, out, [(c, files, outputs[t]) for c, files, t in targets])
+    check_writable(out.parent if single_file_out else out)  # before any case is computed
     # a case is done only when every output asked for exists (a rerun with --preview adds the .png)
     todo = [t for t in targets if args.overwrite or not all(o.exists() for o in outputs[t[2]])]
     names = {v: k for k, v in predictor.labels.items()}

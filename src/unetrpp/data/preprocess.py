@@ -231,9 +231,15 @@ def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
     out_dir = Path(out_dir)
     safe_case_name(name, out_dir)
     mode = "r" if mmap else None
-    data = np.load(out_dir / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
-    seg = np.load(out_dir / f"{name}_seg.npy", mmap_mode=mode, allow_pickle=False)
-    loc = np.load(out_dir / f"{name}_locations.npy", allow_pickle=False)
+    arrays = []
+    for suffix, m in (("", mode), ("_seg", mode), ("_locations", None)):
+        path = out_dir / f"{name}{suffix}.npy"
+        try:
+            arrays.append(np.load(path, mmap_mode=m, allow_pickle=False))
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: unreadable preprocessed array ({str(e).splitlines()[0][:120]}); rerun "
+                             "`unetrpp preprocess` with --overwrite") from None
+    data, seg, loc = arrays
     return data, seg, loc, read_json(out_dir / f"{name}.json")
 
 

@@ -53,6 +53,10 @@ def _case_job(name: str, gt_path: Path, pred_path: Path, regions: dict[str, list
         raise ValueError(f"{pred_path}: shape {pred.shape} differs from the reference {gt_path} {gt.shape}")
     if why := g_geom.mismatch(p_geom):
         raise ValueError(f"{pred_path}: geometry differs from the reference {gt_path}: {why}")
+    for arr, path in ((gt, gt_path), (pred, pred_path)):
+        if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"{path}: holds non-integer values; a label map is needed (probabilities? threshold "
+                             "or arg-max them first)")
     gt, pred = gt.astype(np.int64), pred.astype(np.int64)
     spacing = g_geom.spacing_zyx
     out = {}

@@ -65,6 +65,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found and "global" not in str(e).lower():  # random or damaged bytes, not a pickled object
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file: "
+                                  f"{first[:120]})") from None
         what = f"the global {found.group(1)}" if found else "objects other than tensors and containers"
         raise CheckpointError(
             f"{path}: refused to load: it contains {what}, which could run code ({first[:120]})"

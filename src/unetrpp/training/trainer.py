@@ -282,7 +282,9 @@ class Trainer:
             self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
         budget_s = 60 * cfg.time_budget_min if cfg.time_budget_min else None
         probe = None
-        if ckpt is None and budget_s and cfg.recipe != "paper":
+        if ckpt is None and budget_s and cfg.recipe != "paper" and not self.is_main:
+            pass  # rank 0 measures and decides; the decision arrives below
+        elif ckpt is None and budget_s and cfg.recipe != "paper":
             fixed = bool(cfg.patch_size) or "feature_size" in cfg.model_overrides
             self.log(f"planning the run for a {cfg.time_budget_min:g}-min budget on {self.device} "
                      f"({torch.get_num_threads()} threads){': the network is fixed' if fixed else ''}")
@@ -307,6 +309,11 @@ class Trainer:
             self.cfg = dataclasses.replace(cfg, recipe="short" if short else "paper",
                                            optimizer=cfg.optimizer or ("adamw" if short else "sgd"),
                                            lr=cfg.lr or (budget_rules.SHORT_LR if short else 1e-2))
+        if self.world > 1:  # every process trains what rank 0 chose
+            box = [self.cfg]
+            dist.broadcast_object_list(box, 0)
+            self.cfg = box[0]
+            self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
         for line in self.cfg.recipe_notes[-1:]:
             self.log(line)
         self._deadline = self._train_deadline = None
@@ -519,6 +526,11 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 if self._train_deadline is not None:
                     lr = self.lr_at(epoch, self._elapsed())
+                    if self.world > 1:  # rank 0's clock: the processes' weights must stay identical
+                        t = torch.tensor([lr], dtype=torch.float64, device=self.device if self.device.type == "cuda"
+                                         else "cpu")
+                        dist.broadcast(t, 0)
+                        lr = float(t.item())
                     for g in optimizer.param_groups:
                         g["lr"] = lr
                 with autocast_for(self.device, cfg.amp):
