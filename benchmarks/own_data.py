@@ -1,7 +1,7 @@
 """A user's own data and compute: the README's commands, no flags, against MONAI's BasicUNet in the same budget.
 
     python benchmarks/own_data.py [--sets hippocampus,hippocampus_5mm,phantom,phantom_fine] [--minutes 15]
-        [--work DIR] [--skip-baseline] [--json OUT.json]
+        [--work DIR] [--skip-baseline] [--reuse] [--json OUT.json]
 
 For each dataset a held-out test set (every fifth case by sorted name) is moved to imagesTs /
 labelsTs, then exactly these commands run, each timed:
@@ -13,8 +13,9 @@ labelsTs, then exactly these commands run, each timed:
     unetrpp evaluate D/labelsTs D/pred
 
 The baseline is MONAI's BasicUNet (default features) trained by the same trainer, on the same
-preprocessed data, fold and patch, with the same recipe chosen for the same budget, then predicted
-whole (sliding window, mirroring) and scored the same way.
+preprocessed data and fold, at our patch rounded up to multiples of 16 (it pools four times), with
+the same optimizer and lr, for the whole budget, then predicted whole (sliding window, mirroring)
+and scored the same way.
 
 Datasets (made here, nothing downloaded):
 * ``hippocampus``: MSD Task04 from ../shared/data/hippocampus (260 T1 MRIs, 1 mm).
@@ -173,7 +174,9 @@ def baseline(root: Path, minutes: float, recipe: dict) -> dict:
 
     out = root / "results" / "basicunet_fold0"
     t0 = time.perf_counter()
-    cfg = TrainConfig(recipe="short", optimizer="adamw", lr=3e-3, patch_size=recipe["patch"],
+    # BasicUNet pools 4 times on every axis: its patch is ours rounded up to multiples of 16
+    patch = [-(-p // 16) * 16 for p in recipe["patch"]]
+    cfg = TrainConfig(recipe="short", optimizer="adamw", lr=3e-3, patch_size=patch,
                       iters_per_epoch=50, val_iters=5, time_budget_min=minutes, final_validation=False,
                       device="cpu", model_overrides={"feature_size": recipe["network"]["feature_size"]})
     trainer = BaselineTrainer(root, cfg, out_dir=out, progress=False, echo=False)
@@ -210,6 +213,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unetrpp-own-data"))
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="take our run's figures from DATASET/ours.json if there")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import torch
@@ -219,7 +223,9 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "minutes": args.minutes, "sets": {}}
     for name in args.sets.split(","):
         root = make_set(name, args.work)
-        entry = {"ours": ours(root, args.minutes)}
+        saved = root / "ours.json"
+        entry = {"ours": json.loads(saved.read_text()) if args.reuse and saved.exists() else ours(root, args.minutes)}
+        saved.write_text(json.dumps(entry["ours"], indent=2))
         print(f"{name}: UNETR++ {json.dumps(entry['ours'])}", flush=True)
         if not args.skip_baseline:
             entry["basicunet"] = baseline(root, args.minutes, entry["ours"])
