@@ -323,7 +323,8 @@ class Trainer:
             if self.cfg.final_validation and self.is_main:
                 fwd = probe.forward_s if probe is not None and probe.patch == self.patch else None
                 if fwd is None:
-                    fwd = budget_rules.measure_step(self.model_config, 1, self.device, self.cfg.amp, steps=1)[1]
+                    fwd = budget_rules.measure_step(self.model_config, self.batch, self.device, self.cfg.amp,
+                                                    steps=1)[1]
                 windows = budget_rules.windows_per_case(self.plans.median_shape_after_resampling or self.patch,
                                                         self.patch)
                 left = self._deadline - time.perf_counter()
