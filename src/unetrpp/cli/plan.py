@@ -31,10 +31,12 @@ def run(args) -> int:
     load_splits(args.dataset)  # made (or checked) first: a bad splits.json leaves no plans.json behind
     plans = plan_dataset(args.dataset, patch_size=args.patch_size, batch_size=args.batch_size, preset=args.preset,
                          workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)
-    cfg = plans.network_config()
+    import torch
+
     from ..network.unetrpp import UNETRPP
 
-    with _meta_device():
+    cfg = plans.network_config()
+    with torch.device("meta"):  # parameter count without allocating the weights
         params = sum(p.numel() for p in UNETRPP(**cfg.to_dict()).parameters())
     norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans.normalization)
     print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans.target_spacing)} mm (z, y, x), "
@@ -44,12 +46,6 @@ def run(args) -> int:
     for line in plans.decisions:
         print(f"  {line}")
     return 0
-
-
-def _meta_device():
-    import torch
-
-    return torch.device("meta")
 
 
 def _mm(v) -> str:
