@@ -210,6 +210,65 @@ def test_bad_nifti_spacing_is_refused(tmp_path, value, ending):
     assert str(e.value).startswith(f"{path}: ")
 
 
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_empty_and_negative_sizes_are_named_not_called_truncated(tmp_path, ending):
+    path = write_image(np.ones((4, 5, 6), np.int16), GEOMETRIES["lps"], tmp_path / f"x{ending}")
+    _patch_nifti(path, 44, "h", 0)  # dim[2]: the y size
+    with pytest.raises(ImageReadError, match=r"empty volume \(size \(6, 0, 4\) in the header\)") as e:
+        read_image(path)
+    assert str(e.value).startswith(f"{path}: ")
+    _patch_nifti(path, 44, "h", -5)
+    with pytest.raises(ImageReadError, match=r"corrupt NIfTI header \(negative size"):
+        read_image(path)
+
+
+def test_a_volume_too_big_for_the_memory_left_is_refused_before_reading(tmp_path, monkeypatch, capsys):
+    import unetrpp.runtime
+
+    ds = make_v2_dataset(tmp_path / "ds", cases=2, channels=1)
+    image = sorted((ds / "imagesTr").iterdir())[0]
+    shape = read_image(image)[0].shape
+    monkeypatch.setattr(unetrpp.runtime, "available_memory", lambda: 1 << 10)
+    for ending in (".nii.gz", ".mha"):
+        path = write_image(np.ones((40, 50, 60), np.float32), GEOMETRIES["lps"], tmp_path / f"big{ending}")
+        with pytest.raises(ImageReadError, match=r"40 x 50 x 60 voxels of 32-bit float need 0\.0 GiB of memory to "
+                                                 r"read; 0\.0 GiB are available") as e:
+            read_image(path)
+        assert str(e.value).startswith(f"{path}: ")
+    # through a command: one line naming the file, nothing written
+    _one_line_error(capsys, ["plan", ds, "--workers", 1], " x ".join(map(str, shape)), "of memory to read")
+    assert not (ds / "plans.json").exists()
+    monkeypatch.setattr(unetrpp.runtime, "available_memory", lambda: None)  # unknown: no check
+    assert read_image(tmp_path / "big.mha")[0].shape == (40, 50, 60)
+
+
+def test_running_out_of_memory_is_one_line_and_other_errors_stay_tracebacks(monkeypatch, capsys):
+    from unetrpp.cli import info
+
+    def oom(args):
+        raise MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000, 1000, 2000) and type float32")
+
+    monkeypatch.setattr(info, "run", oom)
+    _one_line_error(capsys, ["info", "synapse"], "out of memory: Unable to allocate 7.45 GiB",
+                    "--debug shows the traceback")
+
+    def torch_oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(info, "run", torch_oom)
+    _one_line_error(capsys, ["info", "synapse"], "out of memory: [enforce fail", "can't allocate memory")
+    with pytest.raises(RuntimeError, match="can't allocate"):
+        main(["info", "synapse", "--debug"])
+
+    def bug(args):
+        raise RuntimeError("shape mismatch in some kernel")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["info", "synapse"])
+
+
 def test_nan_image_fails_plan_preprocess_and_predict_in_one_line(tmp_path, capsys):
     ds = make_v2_dataset(tmp_path / "ds", cases=3)
     assert main(["plan", str(ds), "--workers", "1"]) == 0
@@ -314,6 +373,47 @@ def test_a_full_disk_during_an_atomic_write_keeps_the_old_file_and_says_so_in_on
     _one_line_error(capsys, ["plan", ds, "--workers", 1], "No space left on device")
     with pytest.raises(OSError, match="No space left"):
         main(["plan", str(ds), "--workers", "1", "--debug"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real full disk: a 48 KiB tmpfs, where this process may mount one (else the fault-injection
+    tests above stand for it)."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if shutil.which("mount") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the fault-injecting writer tests cover a full disk")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k,mode=0777", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()[:80]}); the fault-injecting writer tests cover it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_never_leaves_a_bad_file(small_disk, tmp_path, capsys, predict_setup):
+    from unetrpp.io import write_json
+
+    noise = np.random.default_rng(0).integers(-2000, 2000, (40, 40, 40)).astype(np.int16)  # ~100 KB compressed
+    with pytest.raises((OSError, ValueError)) as e:
+        write_image(noise, GEOMETRIES["lps"], small_disk / "seg.nii.gz")
+    assert "seg.nii.gz" in str(e.value) and _files(small_disk) == []
+    with pytest.raises(OSError, match="No space left"):
+        write_json({"a": "x" * 200_000}, small_disk / "plans.json")
+    assert _files(small_disk) == []
+    # predict: the label map fits, the probabilities do not; one line, exit 2, nothing cut under a final name
+    inp, ckpt = predict_setup
+    _one_line_error(capsys, ["predict", "-i", inp, "-o", small_disk / "pred", "-m", ckpt, "--no-tta",
+                             "--save-probabilities"], "No space left on device")
+    left = _files(small_disk / "pred")
+    assert "case.npz" not in left and not [f for f in left if "partial" in f or f.startswith(".")], left
+    if "case.nii.gz" in left:
+        assert read_image(small_disk / "pred" / "case.nii.gz")[0].shape == (18, 30, 27)
 
 
 def test_outputs_follow_the_umask(tmp_path):

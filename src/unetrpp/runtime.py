@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import sys
 import time
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -37,6 +38,42 @@ def tune_cpu_allocator() -> bool:
         return False
     return bool(ok)
 
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: Linux ``MemAvailable``, capped by the cgroup's
+    limit (a container's ``memory.max``) when one is set; None where neither can be read."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    # a container's limit; its usage counts page cache, of which the inactive part can be reclaimed
+    for folder, limit_name, usage_name, cache_name in (
+        ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ):
+        try:
+            limit = (Path(folder) / limit_name).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:
+                break
+            used = int((Path(folder) / usage_name).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        try:
+            for line in (Path(folder) / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_name:
+                    used -= int(value)
+        except (OSError, ValueError):
+            pass
+        left = max(0, int(limit) - max(used, 0))
+        avail = left if avail is None else min(avail, left)
+        break
+    return avail
 
 
 def idle_cores(sample_s: float = 0.5) -> float | None:

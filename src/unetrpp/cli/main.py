@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .. import __version__
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|Unable to allocate", re.IGNORECASE)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -58,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"unetrpp {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        # out of memory (numpy's MemoryError, torch's allocator errors) is the user's machine, not a bug
+        text = str(e).strip()
+        if args.debug or not (isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(text)):
+            raise
+        first = text.splitlines()[0] if text else "MemoryError"
+        print(f"unetrpp {args.command}: error: out of memory: {first[:300]} (a smaller patch or batch, fewer "
+              "workers, or more memory; --debug shows the traceback)", file=sys.stderr)
         return 2
 
 

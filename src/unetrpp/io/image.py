@@ -159,10 +159,34 @@ def _read_sitk(path: Path) -> tuple:
     if not split_ending(path)[1]:
         raise ImageReadError(f"{path}: unknown file type; use one of {', '.join(FILE_ENDINGS)} or a DICOM folder")
     header = _verify_nifti(path) if path.name.lower().endswith((".nii", ".nii.gz")) else None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path)), header
+        reader.ReadImageInformation()
+        _check_memory(path, reader.GetSize(), reader.GetNumberOfComponents(),
+                      sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+        return reader.Execute(), header
     except RuntimeError as e:
         raise ImageReadError(f"{path}: unreadable or truncated: {_first_line(e)}") from None
+
+
+def _check_memory(path: Path, size: Sequence[int], components: int, pixel_type: str) -> None:
+    """Refuse, before allocating, a volume that cannot fit in the memory left (ITK's buffer and its
+    numpy copy): one line instead of a ``MemoryError`` or the kernel's OOM killer."""
+    import re
+
+    from ..runtime import available_memory
+
+    voxels = math.prod(int(v) for v in size) * max(int(components), 1)
+    if voxels == 0:
+        raise ImageReadError(f"{path}: empty volume (size {_fmt(size)})")
+    bits = re.search(r"(\d+)-bit", pixel_type)
+    need = 2 * voxels * (int(bits.group(1)) // 8 if bits else 8)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        shape = " x ".join(str(int(v)) for v in reversed(size))
+        raise ImageReadError(f"{path}: {shape} voxels of {pixel_type} need {need / 2**30:.1f} GiB of memory to read; "
+                             f"{avail / 2**30:.1f} GiB are available")
 
 
 def _first_line(e: Exception) -> str:
@@ -248,10 +272,14 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
     ndim = dim[0]
     if not 1 <= ndim <= 7 or bitpix <= 0:
         raise ImageReadError(f"{path}: corrupt NIfTI header (dim[0]={ndim}, bitpix={bitpix})")
+    if any(d < 0 for d in dim[1 : ndim + 1]):
+        raise ImageReadError(f"{path}: corrupt NIfTI header (negative size {_fmt(dim[1 : ndim + 1])})")
+    if any(d == 0 for d in dim[1 : ndim + 1]):
+        raise ImageReadError(f"{path}: empty volume (size {_fmt(dim[1 : ndim + 1])} in the header)")
     spacing = pixdim[1 : min(ndim, 3) + 1]
     if not all(math.isfinite(v) and v > 0 for v in spacing):
         raise ImageReadError(f"{path}: bad spacing in header: pixdim {_fmt(spacing)} must be positive and finite")
-    voxels = math.prod(max(int(d), 1) for d in dim[1 : ndim + 1])
+    voxels = math.prod(int(d) for d in dim[1 : ndim + 1])
     expected = max(offset, size) + voxels * bitpix // 8
     if compressed is not None and actual != expected % 2**32:
         # the gzip trailer disagrees (a cut file ends in arbitrary bytes): decompress to be sure
