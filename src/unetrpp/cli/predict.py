@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -20,12 +21,41 @@ def add_parser(sub) -> None:
     p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by `unetrpp train`")
     p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster)")
+    p.add_argument("--exact", action="store_true",
+                   help="the official protocol: every window and every mirror computed (no shortcuts)")
+    p.add_argument("--mirror-margin", type=_margin, default=None, metavar="M",
+                   help="run a window's 7 mirrored passes only where its unmirrored top-2 probability margin "
+                        "is below M (default 0.5; 1 mirrors every window)")
+    p.add_argument("--no-constant-windows", action="store_true",
+                   help="compute every window of uniform voxels instead of once per value")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--batch", type=int, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
     p.add_argument("--preview", action="store_true", help="also write CASE.png: three slices with the labels")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     p.set_defaults(run=run)
+
+
+def _margin(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a probability margin between 0 and 1")
+    return value
+
+
+def shortcuts_of(args):
+    """The sliding window's shortcuts from ``--exact``, ``--mirror-margin``, ``--no-constant-windows``."""
+    from ..inference.sliding_window import DEFAULT_SHORTCUTS, EXACT, Shortcuts
+
+    if args.exact:
+        if args.mirror_margin is not None or args.no_constant_windows:
+            raise ValueError("--exact computes everything; it cannot be combined with --mirror-margin or "
+                             "--no-constant-windows")
+        return EXACT
+    margin = DEFAULT_SHORTCUTS.mirror_margin if args.mirror_margin is None else args.mirror_margin
+    return Shortcuts(constant_windows=not args.no_constant_windows,
+                     mirror_margin=None if margin is None or margin >= 1 else margin,
+                     mirror_weight=DEFAULT_SHORTCUTS.mirror_weight)
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -128,10 +158,11 @@ def run(args) -> int:
     from ..io import FILE_ENDINGS, read_case, split_ending, write_image
     from ..io.jsonio import atomic_write
 
+    shortcuts = shortcuts_of(args)
     inp, out = Path(args.input), Path(args.output)
     refuse_overwriting_inputs(inp, out)  # before the checkpoint is loaded
     predictor = Predictor.from_checkpoint(args.model, device=args.device, step=args.step, tta=not args.no_tta,
-                                          batch=args.batch, progress=sys.stderr.isatty())
+                                          batch=args.batch, progress=sys.stderr.isatty(), shortcuts=shortcuts)
     cases = find_cases(inp, predictor.num_channels)
     single_file_out = split_ending(out.name)[1] in FILE_ENDINGS
     if single_file_out and len(cases) > 1:

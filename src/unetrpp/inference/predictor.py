@@ -15,7 +15,7 @@ from ..data.plans import Plans
 from ..data.preprocess import _undo_args, preprocess_array
 from ..data.resample import resample_volume
 from ..io import Geometry, read_case
-from .sliding_window import MIRROR_AXES, sliding_window_probabilities
+from .sliding_window import DEFAULT_SHORTCUTS, MIRROR_AXES, Shortcuts, sliding_window_probabilities
 
 
 @dataclass
@@ -92,7 +92,9 @@ class Predictor:
         batch: int | None = None,
         amp: str | None = "auto",
         progress: bool = False,
+        shortcuts: Shortcuts = DEFAULT_SHORTCUTS,
     ):
+        """``shortcuts``: work the sliding window may skip (``sliding_window.EXACT``: none, the official protocol)."""
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
@@ -102,6 +104,8 @@ class Predictor:
         self.tta = tta
         self.batch = batch or (4 if self.device.type == "cuda" else 2)
         self.progress = progress
+        self.shortcuts = shortcuts
+        self.stats: dict = {}  # the last case's window counts (sliding_window_probabilities)
         self.patch_size = tuple(int(p) for p in model.config.img_size)
         self.num_classes = int(model.config.out_channels)
         self.num_channels = int(model.config.in_channels)
@@ -130,6 +134,7 @@ class Predictor:
                 self._network, torch.from_numpy(np.array(data, dtype=np.float32)), self.patch_size,
                 self.num_classes, step=self.step, mirror_axes=MIRROR_AXES if self.tta else (),
                 batch=self.batch, device=self.device, amp=self.amp, progress=self.progress,
+                shortcuts=self.shortcuts, stats=self.stats,
             )
         finally:
             if ds:

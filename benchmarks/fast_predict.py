@@ -1,0 +1,255 @@
+"""Whole-volume prediction: the exact protocol, MONAI's driver and our shortcuts, on real scans.
+
+    python benchmarks/fast_predict.py [--work /tmp/unetrpp-own-data] [--sets ct,hippocampus]
+        [--methods exact,monai,default] [--repeats 2] [--cases N] [--json OUT.json]
+
+Networks: the ones ``benchmarks/own_data.py`` trained with the README's commands (the phantom
+abdominal CT network for the real CT of ../shared/data/abdomen_ct, the hippocampus network for the
+52 held-out hippocampus MRIs). Every method predicts every case with mirroring (8 flips), through
+``Predictor`` (reading, preprocessing, sliding window, restoring to the input grid), in a process
+of its own (its peak memory is its own); the methods are interleaved, ``--repeats`` rounds. Only
+the sliding window differs:
+
+* ``exact``: our driver with every shortcut off (``predict --exact``), the official protocol;
+* ``monai``: ``monai.inferers.sliding_window_inference`` (Gaussian, sigma 1/8, overlap 0.5) run on
+  the volume and on its 7 flips, softmax probabilities averaged;
+* ``default``: what ``predict`` does with no flags; ``margin=M`` (or ``margin=M/STEP``: the mirrored
+  passes' margin and step) and ``constant``: other settings of the shortcuts.
+
+Reported per method: seconds (median over rounds, and per case), network passes, peak resident
+memory, Dice per class against the reference labels and against the exact protocol's labels, and
+for ``exact`` where the time goes (network passes, the rest of the sliding window, restoring,
+preprocessing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+SHARED = HERE.parents[2] / "shared" / "data"
+
+
+def _cases(name: str, work: Path, limit: int | None):
+    """``(model, [(case, image, reference)], classes {name: value})`` of a set."""
+    if name == "ct":
+        model = work / "phantom" / "results" / "unetrpp_fold0" / "checkpoint_final.pt"
+        cases = [("abdomen_ct", SHARED / "abdomen_ct" / "ct.nii.gz", SHARED / "abdomen_ct" / "label_btcv13.nii.gz")]
+    elif name in ("hippocampus", "hippocampus_5mm"):
+        root = work / name
+        model = root / "results" / "unetrpp_fold0" / "checkpoint_final.pt"
+        cases = [(f.name[: -len("_0000.nii.gz")], f, root / "labelsTs" / f.name.replace("_0000", ""))
+                 for f in sorted((root / "imagesTs").glob("*_0000.nii.gz"))]
+    else:
+        raise SystemExit(f"unknown set {name!r}")
+    if not model.exists():
+        raise SystemExit(f"{model}: not there; run benchmarks/own_data.py --sets {'phantom' if name == 'ct' else name}")
+    return model, cases[:limit] if limit else cases
+
+
+def _monai_probabilities(predictor, data):
+    """The same network, flips and Gaussian blending, driven by MONAI's sliding_window_inference."""
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from unetrpp.inference.sliding_window import _pad_to
+
+    x, region = _pad_to(torch.from_numpy(np.asarray(data, np.float32)), predictor.patch_size)
+    x = x[None]
+
+    def net(t):
+        return torch.softmax(predictor._network(t).float(), dim=1)
+
+    total = None
+    flips = [[], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4]]
+    with torch.no_grad():
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            p = sliding_window_inference(xi, predictor.patch_size, predictor.batch, net, overlap=0.5,
+                                         mode="gaussian", sigma_scale=0.125)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total + p
+    return (total / len(flips))[0][(slice(None), *region)]
+
+
+def child(args) -> None:
+    """One method over every case of one set; prints ``RESULT {json}``."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from unetrpp.inference.predictor import Predictor
+    from unetrpp.inference.sliding_window import DEFAULT_SHORTCUTS, EXACT, Shortcuts
+    from unetrpp.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    model, cases = _cases(args.set, args.work, args.cases)
+    method = args.child
+    if method.startswith("margin="):  # margin=M or margin=M/STEP
+        m, _, st = method.split("=")[1].partition("/")
+        shortcuts = Shortcuts(constant_windows=True, mirror_margin=float(m), mirror_step=float(st) if st else 1.0)
+    else:
+        shortcuts = {"exact": EXACT, "monai": EXACT, "default": DEFAULT_SHORTCUTS,
+                     "constant": Shortcuts(constant_windows=True, mirror_margin=None)}[method]
+    pred = Predictor.from_checkpoint(model, device="cpu", tta=True, shortcuts=shortcuts)
+    clock = {"network": 0.0, "sliding": 0.0, "restore": 0.0, "preprocess": 0.0, "read": 0.0, "write": 0.0}
+    inner = pred._network
+
+    def timed_network(x):
+        t = time.perf_counter()
+        out = inner(x)
+        clock["network"] += time.perf_counter() - t
+        return out
+
+    pred._network = timed_network
+    if method == "monai":
+        pred.probabilities_preprocessed = lambda data: _monai_probabilities(pred, data)
+    from unetrpp.data.preprocess import preprocess_array
+    from unetrpp.inference.predictor import restore_label_from_probabilities
+    from unetrpp.io import read_case, write_image
+
+    out_dir = Path(args.out) / method
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_case, passes, windows, constant, mirrored, background, voxels = [], 0, 0, 0, 0, 0, 0
+    t_all = time.perf_counter()
+    for name, image, _ in cases:
+        t0 = time.perf_counter()
+        data, geometry = read_case([image])
+        t1 = time.perf_counter()
+        pre, _, props = preprocess_array(data, geometry, pred.plans)
+        t2 = time.perf_counter()
+        probs = pred.probabilities_preprocessed(pre)
+        t3 = time.perf_counter()
+        label = restore_label_from_probabilities(probs, props)
+        t4 = time.perf_counter()
+        clock["read"] += t1 - t0
+        clock["preprocess"] += t2 - t1
+        clock["sliding"] += t3 - t2
+        clock["restore"] += t4 - t3
+        per_case.append(t4 - t0)
+        passes += pred.stats.get("passes", 0)
+        windows += pred.stats.get("windows", 0)
+        constant += pred.stats.get("constant", 0)
+        mirrored += pred.stats.get("mirrored_windows", 0)
+        background += pred.stats.get("background", 0)
+        voxels += pred.stats.get("voxels", 0)
+        t5 = time.perf_counter()
+        write_image(label, geometry, out_dir / f"{name}.nii.gz")
+        clock["write"] += time.perf_counter() - t5
+        np.save(out_dir / f"{name}.npy", label)
+    wall = time.perf_counter() - t_all
+    print("RESULT " + json.dumps({
+        "seconds": wall, "per_case_s": per_case, "clock": clock, "passes": passes, "windows": windows,
+        "constant_windows": constant, "mirrored_windows": mirrored, "sure_background_voxels": background,
+        "voxels": voxels,
+        "threads": torch.get_num_threads(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "shortcuts": shortcuts.describe() if method != "monai" else "MONAI sliding_window_inference x 8 flips"}))
+
+
+def _dice(a, b, value) -> float | None:
+    import numpy as np
+
+    x, y = a == value, b == value
+    s = int(x.sum()) + int(y.sum())
+    return None if s == 0 else 2.0 * int(np.logical_and(x, y).sum()) / s
+
+
+def score(set_name: str, work: Path, limit: int | None, out: Path, methods: list[str]) -> dict:
+    """Per class: mean Dice against the reference and against the exact protocol's labels."""
+    import numpy as np
+
+    from unetrpp.checkpoint import load_checkpoint
+    from unetrpp.io import read_image
+
+    model, cases = _cases(set_name, work, limit)
+    labels = {k: int(v) for k, v in load_checkpoint(model)["plans"]["labels"].items() if int(v)}
+    result = {}
+    refs = {name: read_image(ref)[0].astype(np.int64) for name, _, ref in cases}
+    for m in methods:
+        per_ref: dict[str, list] = {k: [] for k in labels}
+        per_exact: dict[str, list] = {k: [] for k in labels}
+        changed = 0
+        for name, _, _ in cases:
+            lab = np.load(out / m / f"{name}.npy").astype(np.int64)
+            exact = np.load(out / "exact" / f"{name}.npy").astype(np.int64)
+            changed += int((lab != exact).sum())
+            for k, v in labels.items():
+                if (refs[name] == v).any():
+                    per_ref[k].append(_dice(lab, refs[name], v) or 0.0)
+                d = _dice(lab, exact, v)
+                if d is not None:
+                    per_exact[k].append(d)
+        result[m] = {"dice_vs_reference": {k: float(np.mean(v)) for k, v in per_ref.items() if v},
+                     "dice_vs_exact": {k: float(np.mean(v)) for k, v in per_exact.items() if v},
+                     "voxels_changed_vs_exact": changed}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/unetrpp-own-data"))
+    ap.add_argument("--sets", default="ct,hippocampus")
+    ap.add_argument("--methods", default="exact,monai,default")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cases", type=int, help="only the first N cases of each set")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/unetrpp-fast-predict"))
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--set", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    import torch
+
+    methods = args.methods.split(",")
+    if "exact" not in methods:
+        methods.insert(0, "exact")
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+              "date": time.strftime("%Y-%m-%d"), "sets": {}}
+    for set_name in args.sets.split(","):
+        runs: dict[str, list] = {m: [] for m in methods}
+        out = args.out / set_name
+        for r in range(args.repeats):
+            for m in methods:  # interleaved
+                cmd = [sys.executable, str(HERE), "--child", m, "--set", set_name, "--work", str(args.work),
+                       "--out", str(out)] + (["--cases", str(args.cases)] if args.cases else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    raise SystemExit(f"{set_name} {m} failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(line[0][7:])
+                runs[m].append(res)
+                print(f"{set_name} round {r} {m}: {res['seconds']:.1f} s, {res['passes']} passes, "
+                      f"{res['peak_rss_mb']:.0f} MB", flush=True)
+        scores = score(set_name, args.work, args.cases, out, methods)
+        entry = {}
+        for m in methods:
+            secs = [x["seconds"] for x in runs[m]]
+            entry[m] = {"seconds_median": statistics.median(secs), "seconds": secs, "passes": runs[m][0]["passes"],
+                        "windows": runs[m][0]["windows"], "constant_windows": runs[m][0]["constant_windows"],
+                        "mirrored_windows": runs[m][0]["mirrored_windows"],
+                        "sure_background_voxels": runs[m][0]["sure_background_voxels"], "voxels": runs[m][0]["voxels"],
+                        "peak_rss_mb": max(x["peak_rss_mb"] for x in runs[m]),
+                        "clock": runs[m][0]["clock"], "shortcuts": runs[m][0]["shortcuts"], **scores[m]}
+        if "monai" in entry:
+            for m in methods:
+                entry[m]["time_vs_monai"] = entry[m]["seconds_median"] / entry["monai"]["seconds_median"]
+        report["sets"][set_name] = entry
+        print(json.dumps({set_name: entry}, indent=1), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
