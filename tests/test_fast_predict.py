@@ -121,7 +121,7 @@ def test_mirrors_only_where_unsure_change_no_voxel_where_mirrors_and_windows_agr
     exact = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=EXACT)
     stats: dict = {}
     fast = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=Shortcuts(False, 0.5, 1.0), stats=stats)
-    assert 0 < stats["mirrored_windows"] and stats["passes"] < 8 * stats["windows"]
+    assert stats["mirrored_windows"] > 0 and stats["passes"] < 8 * stats["windows"]
     torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
     assert torch.equal(fast.argmax(0), exact.argmax(0))
 
@@ -153,7 +153,6 @@ def test_the_mirror_grid_tiles_the_unsure_box():
 
 def test_predict_flags(tmp_path, capsys):
     from test_hostile import _one_line_error
-
     from unetrpp.cli.main import main
 
     _one_line_error(capsys, ["predict", "-i", tmp_path, "-o", tmp_path / "o", "-m", tmp_path / "m.pt", "--exact",

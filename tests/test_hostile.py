@@ -570,3 +570,300 @@ def test_evaluate_refuses_probabilities_as_predictions(tmp_path, capsys):
     write_image(ref.astype(np.float32) * 0.7, GEOMETRIES["lps"], tmp_path / "pred" / "c.nii.gz")
     _one_line_error(capsys, ["evaluate", tmp_path / "ref", tmp_path / "pred", "--workers", 1],
                     "holds non-integer values")
+
+
+# ---------------------------------------------------------------------- variations found in review
+def test_a_corrupt_gzip_stream_or_header_offset_is_one_line(tmp_path, capsys):
+    path = write_image(np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8), GEOMETRIES["lps"], tmp_path / "x.nii.gz")
+    raw = bytearray(path.read_bytes())
+    raw[20:60] = bytes(40)  # damage the deflate data just after the gzip header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError) as e:
+        read_image(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    good = write_image(np.ones((4, 5, 6), np.int16), GEOMETRIES["lps"], tmp_path / "y.nii")
+    for value in (float("inf"), float("nan"), -352.0):
+        _patch_nifti(good, 108, "f", value)  # vox_offset
+        with pytest.raises(ImageReadError, match=r"corrupt NIfTI header \(vox_offset"):
+            read_image(good)
+
+
+@pytest.mark.parametrize("ending", [".mhd", ".nhdr"])
+def test_header_and_data_pairs_are_written_whole_or_not_at_all(tmp_path, monkeypatch, ending):
+    import SimpleITK as sitk
+
+    arr = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
+    out = tmp_path / "out"
+    done = write_image(arr, GEOMETRIES["oblique"], out / f"seg{ending}")
+    np.testing.assert_array_equal(read_image(done)[0], arr)
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+    real = sitk.WriteImage
+
+    def short_write(image, path, *args):  # a full disk cuts the data file
+        real(image, path, *args)
+        data = [f for f in Path(path).parent.iterdir() if f.name != Path(path).name]
+        with open(data[0], "rb+") as f:
+            f.truncate(os.path.getsize(data[0]) // 2)
+
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    with pytest.raises(ValueError, match="does not read back"):
+        write_image(arr + 1, GEOMETRIES["oblique"], out / f"seg{ending}")
+    assert {f: (out / f).read_bytes() for f in _files(out)} == before  # the old pair, untouched, nothing else
+
+
+def test_preprocess_refuses_labels_that_changed_since_plan(tmp_path, capsys):
+    ds = make_v2_dataset(tmp_path / "ds", cases=2)
+    assert main(["plan", str(ds), "--workers", "1"]) == 0
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["labels"]["c"] = 5
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    _one_line_error(capsys, ["preprocess", ds, "--workers", 1], "dataset.json: its labels", "run `unetrpp plan` again")
+    assert not list((ds / "preprocessed").glob("*.npy")) if (ds / "preprocessed").exists() else True
+
+
+@pytest.mark.parametrize(("field", "value", "needle"), [
+    ("preset", "../../../tmp/x", "unknown preset '../../../tmp/x'"),
+    ("preset", "/tmp/x", "unknown preset"),
+    ("normalization", [{"scheme": "ct"}], "clip must be two finite numbers"),
+    ("normalization", [{"scheme": "ct", "clip": [-100, 200], "mean": float("nan"), "std": 1}], "mean and std"),
+    ("normalization", [{"scheme": "whiten"}], "scheme must be ct, zscore or none"),
+    ("resampling", {}, "resampling must give image_order and label_order"),
+    ("resampling", {"image_order": 7, "label_order": 1}, "integers 0-5"),
+])
+def test_plans_fields_are_validated(tmp_path, capsys, field, value, needle):
+    from unetrpp.data.plans import Plans
+
+    ds = make_v2_dataset(tmp_path / "ds", cases=2)
+    assert main(["plan", str(ds), "--workers", "1"]) == 0
+    plans = json.loads((ds / "plans.json").read_text())
+    plans[field] = value
+    (ds / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(ValueError, match=re_escape(needle)):
+        Plans.load(ds / "plans.json")
+    _one_line_error(capsys, ["train", ds, "--device", "cpu"], "plans.json", needle)
+    assert not (tmp_path / "tmp").exists() and not (ds / "results").exists()
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_converters_refuse_links_that_leave_the_download(tmp_path):
+    from unetrpp.data.convert import convert_synapse
+
+    secret = tmp_path / "secret.nii.gz"
+    write_image(np.ones((4, 5, 6), np.int16), GEOMETRIES["lps"], secret)
+    raw = tmp_path / "RawData" / "Training"
+    (raw / "img").mkdir(parents=True)
+    (raw / "label").mkdir()
+    write_image(np.ones((4, 5, 6), np.int16), GEOMETRIES["lps"], raw / "label" / "label0001.nii.gz")
+    (raw / "img" / "img0001.nii.gz").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"img0001.nii.gz: points outside .*RawData.*; refusing to copy it"):
+        convert_synapse(tmp_path / "RawData", tmp_path / "out")
+    assert _files(tmp_path / "out") == []
+
+
+def test_a_symlink_loop_is_one_line(tmp_path, capsys, predict_setup):
+    _, ckpt = predict_setup
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    err = _one_line_error(capsys, ["predict", "-i", loop, "-o", tmp_path / "o", "-m", ckpt])
+    assert "loop.nii.gz" in err
+
+
+def test_errors_from_workers_keep_the_original_line(monkeypatch, capsys):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from unetrpp.cli import info
+    from unetrpp.cli.main import _user_message
+
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\nValueError: /d/case_seg.npy: unreadable array")
+    assert _user_message(wrapped) == "/d/case_seg.npy: unreadable array"
+
+    def broken(args):
+        raise BrokenProcessPool("A process in the process pool was terminated abruptly while the future was "
+                                "running or pending.")
+
+    monkeypatch.setattr(info, "run", broken)
+    _one_line_error(capsys, ["info", "synapse"], "a worker process died", "fewer --workers")
+
+    def loader(args):
+        raise wrapped
+
+    monkeypatch.setattr(info, "run", loader)
+    _one_line_error(capsys, ["info", "synapse"], "error: /d/case_seg.npy: unreadable array")
+
+
+@pytest.mark.parametrize("damage", ["labels_list", "tensor_not", "key_not_str"])
+def test_checkpoint_fields_of_the_wrong_type_are_refused(tmp_path, capsys, damage):
+    import torch
+
+    from unetrpp.checkpoint import load_checkpoint
+
+    path = _checkpoint(tmp_path / "m.pt", _tiny(), _plans())
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop("state_dict_sha256", None)
+    if damage == "labels_list":
+        ckpt["labels"] = ["background", "a"]
+    elif damage == "tensor_not":
+        ckpt["state_dict"][next(iter(ckpt["state_dict"]))] = [1, 2, 3]
+    else:
+        ckpt["model_config"][3] = 1
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"m\.pt: checkpoint (labels|state_dict|model_config)"):
+        load_checkpoint(path)
+
+
+def test_random_bytes_of_every_first_byte_are_one_line(tmp_path):
+    from unetrpp.checkpoint import load_checkpoint
+    from unetrpp.network.official import read_checkpoint
+
+    rng = np.random.default_rng(5)
+    for first in b"RaesutQqh\x81\x85\x80}":
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(bytes([first]) + rng.bytes(300))
+        with pytest.raises(ValueError, match="not a loadable unetrpp checkpoint") as e:
+            load_checkpoint(junk)
+        assert "weights_only" not in str(e.value)
+        with pytest.raises(ValueError, match=r"not a (readable )?PyTorch checkpoint") as e:
+            read_checkpoint(junk)
+        assert "weights_only" not in str(e.value) and "could run code" not in str(e.value)
+
+
+def test_resuming_from_a_final_checkpoint_is_one_line(tmp_path):
+    import shutil
+
+    import torch
+
+    from unetrpp.training.config import TrainConfig
+    from unetrpp.training.trainer import Trainer
+
+    ds = make_v2_dataset(tmp_path / "ds", cases=4)
+    assert main(["plan", str(ds), "--workers", "1"]) == 0
+    assert main(["preprocess", str(ds), "--workers", "1"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    final = _checkpoint(tmp_path / "final.pt", _tiny(), _plans())
+    shutil.copy(final, run / "checkpoint_latest.pt")
+    assert "optimizer" not in torch.load(final, weights_only=True)
+    trainer = Trainer(ds, TrainConfig(device="cpu", epochs=1, iters_per_epoch=1, val_iters=1, workers=0),
+                      out_dir=run, progress=False, echo=False)
+    with pytest.raises(ValueError, match=r"checkpoint_latest.pt: cannot resume from it: it lacks train_config"):
+        trainer.run(resume=True)
+
+
+def test_two_inputs_for_one_output_and_bad_flags_are_refused(tmp_path, capsys, predict_setup):
+    inp, ckpt = predict_setup
+    (inp / "case_0000.nii.gz").write_bytes((inp / "case.nii.gz").read_bytes())
+    _one_line_error(capsys, ["predict", "-i", inp, "-o", tmp_path / "o", "-m", ckpt],
+                    "one output would serve two inputs")
+    assert not (tmp_path / "o").exists() or _files(tmp_path / "o") == []
+    with pytest.raises(SystemExit):
+        main(["predict", "-i", str(inp), "-o", str(tmp_path / "o"), "-m", str(ckpt), "--batch", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_msd_output_inside_the_task_and_deep_json_are_refused(tmp_path, capsys):
+    from unetrpp.io import read_json
+
+    task = _msd_task(tmp_path / "Task09_Spleen", ["spleen_1", "spleen_2"], 1)
+    before = (task / "dataset.json").read_bytes()
+    for out in (task, task / "v2"):
+        with pytest.raises(ValueError, match="the output must be outside the MSD task folder"):
+            convert_msd(task, out)
+    assert (task / "dataset.json").read_bytes() == before
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: JSON nested too deeply"):
+        read_json(deep)
+
+
+def test_a_short_write_names_the_file(tmp_path, monkeypatch):
+    from unetrpp.io.jsonio import atomic_write
+
+    def full(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as e:
+        atomic_write(tmp_path / "a.bin", full)
+    assert e.value.filename == str(tmp_path / "a.bin") and _files(tmp_path) == []
+
+
+def test_saved_weights_follow_the_umask(tmp_path):
+    model = _tiny()
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "w")
+    finally:
+        os.umask(old)
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "w").iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644}
+
+
+def test_an_msd_dataset_json_beside_the_references_names_the_labels(tmp_path, capsys):
+    from unetrpp.data.layout import read_labels
+
+    lab = np.zeros((6, 7, 8), np.uint8)
+    lab[1:4, 2:5, 2:6] = 1
+    write_image(lab, GEOMETRIES["lps"], tmp_path / "labelsTr" / "c.nii.gz")
+    write_image(lab, GEOMETRIES["lps"], tmp_path / "pred" / "c.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "spleen"}}))
+    assert read_labels(tmp_path / "dataset.json") == {"background": 0, "spleen": 1}
+    assert main(["evaluate", str(tmp_path / "labelsTr"), str(tmp_path / "pred")]) == 0
+    assert "spleen" in capsys.readouterr().out
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"spleen": "one"}}))
+    _one_line_error(capsys, ["evaluate", tmp_path / "labelsTr", tmp_path / "pred"], "dataset.json: 'labels' must map")
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "x"}))
+    _one_line_error(capsys, ["overlay", tmp_path / "pred" / "c.nii.gz", tmp_path / "pred" / "c.nii.gz",
+                             tmp_path / "o.png", "--dataset", tmp_path], "dataset.json: no 'labels' mapping")
+
+
+def test_plan_and_evaluate_check_their_output_location_first(tmp_path, capsys, monkeypatch):
+    import unetrpp.data.plan
+
+    ds = make_v2_dataset(tmp_path / "ds", cases=2)
+    called = []
+    monkeypatch.setattr(unetrpp.data.plan, "plan_dataset", lambda *a, **k: called.append(1))
+    os.chmod(ds, 0o555)
+    try:
+        if os.access(ds, os.W_OK):  # root writes anywhere: the read-only case cannot be made here
+            pytest.skip("running as root: a read-only folder is still writable")
+        _one_line_error(capsys, ["plan", ds], f"{ds}: cannot write plans there")
+    finally:
+        os.chmod(ds, 0o755)
+    assert called == []
+
+
+def test_evaluate_checks_its_output_location_first(tmp_path, capsys, monkeypatch):
+    import unetrpp.evaluation.evaluate
+
+    lab = np.zeros((6, 7, 8), np.uint8)
+    lab[1:4, 2:5, 2:6] = 1
+    write_image(lab, GEOMETRIES["lps"], tmp_path / "ref" / "c.nii.gz")
+    write_image(lab, GEOMETRIES["lps"], tmp_path / "pred" / "c.nii.gz")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    called = []
+    monkeypatch.setattr(unetrpp.evaluation.evaluate, "evaluate_pairs", lambda *a, **k: called.append(1))
+    _one_line_error(capsys, ["evaluate", tmp_path / "ref", tmp_path / "pred", "-o", blocker / "e.json"],
+                    "cannot write the evaluation there")
+    assert called == []
+
+
+def test_plan_on_a_full_disk_fails_before_the_fingerprint(small_disk, capsys, monkeypatch):
+    import unetrpp.data.plan
+
+    ds = make_v2_dataset(small_disk / "ds", cases=2)
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # take what is left
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError:
+            pass
+    called = []
+    monkeypatch.setattr(unetrpp.data.plan, "plan_dataset", lambda *a, **k: called.append(1))
+    _one_line_error(capsys, ["plan", ds], f"{ds}: cannot write plans there (No space left on device)")
+    assert called == [] and not (ds / "plans.json").exists()

@@ -57,9 +57,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a loadable unetrpp checkpoint ({first[:200]})") from None
+    except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        # torch's message suggests weights_only=False, which would run whatever code the file holds: not that
+        kind = "refused: it holds objects other than plain data" if "Unsupported global" in str(e) else \
+            "damaged or another kind of file"
+        raise ValueError(f"{path}: not a loadable unetrpp checkpoint ({kind})") from None
+    except OSError:
+        raise
+    except Exception as e:  # whatever torch's reader raises on arbitrary bytes
+        raise ValueError(f"{path}: not a loadable unetrpp checkpoint (damaged or another kind of file: "
+                         f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not a unetrpp checkpoint (official .model files: `unetrpp convert-weights`)")
     missing = [k for k in REQUIRED if k not in ckpt]
@@ -73,6 +80,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     for key, kind in (("model_config", dict), ("plans", dict), ("state_dict", dict)):
         if not isinstance(ckpt[key], kind):
             raise ValueError(f"{path}: checkpoint {key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
+    if not all(isinstance(k, str) for k in ckpt["model_config"]):
+        raise ValueError(f"{path}: checkpoint model_config keys must be names")
+    bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: checkpoint state_dict must map names to tensors ({bad[0]!r} does not)")
+    labels = ckpt.get("labels")
+    if labels is not None and not (isinstance(labels, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in labels.items())):
+        raise ValueError(f"{path}: checkpoint labels must map names to integers, got {type(labels).__name__}")
     digest = ckpt.get("state_dict_sha256")
     if digest is not None and digest != tensors_digest(ckpt["state_dict"]):
         raise ValueError(f"{path}: the weights do not match their checksum (the file was damaged or edited)")

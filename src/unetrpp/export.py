@@ -29,6 +29,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, batch: in
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"{out}: the output must end in .onnx")
+    from .io.jsonio import follow_umask
+
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt, source=str(checkpoint))
     if model.deep_supervision:
@@ -60,6 +62,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, batch: in
             result["max_abs_diff"] = diff
             if not diff <= atol:
                 raise ValueError(f"{out}: onnxruntime output differs from torch by {diff:.2e} (> {atol:g})")
+        follow_umask(tmp)
         os.replace(tmp, out)
         return result
     finally:

@@ -60,15 +60,18 @@ def run(args) -> int:
 
     import numpy as np
 
+    from ..data.layout import read_labels
     from ..evaluation.evaluate import evaluate_pairs, print_table, protocol_regions
-    from ..io import read_image, read_json, write_json
-    from ..io.jsonio import atomic_write
+    from ..io import read_image, write_json
+    from ..io.jsonio import atomic_write, check_writable
 
     pairs, pred_dir = _pairs(args.reference, args.prediction)
+    out = Path(args.out) if args.out else Path(pred_dir) / "evaluation.json"
+    check_writable(out.parent, "the evaluation")  # before any case is scored
     labels = None
     ds_json = Path(args.reference).parent / "dataset.json"
     if args.protocol == "labels" and ds_json.exists():
-        labels = {str(k): int(v) for k, v in read_json(ds_json).get("labels", {}).items()}
+        labels = read_labels(ds_json)
     present = []
     if args.protocol == "labels" and not labels:
         present = sorted({int(v) for _, r, _ in pairs for v in np.unique(read_image(r)[0])})
@@ -76,7 +79,6 @@ def run(args) -> int:
     summary = evaluate_pairs(pairs, regions, nsd_tolerance=args.nsd, official=args.compat == "official",
                              workers=args.workers)
     summary["protocol"] = args.protocol
-    out = Path(args.out) if args.out else Path(pred_dir) / "evaluation.json"
     write_json(summary, out)
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|Unable to allocate", re.IGNORECASE)
+_WORKER_DIED = re.compile(r"process in the process pool was terminated abruptly|DataLoader worker \(pid.*\) is killed"
+                          r"|DataLoader worker \(pid.*\) exited unexpectedly")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,19 +62,39 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError) and e.filename and e.strerror:  # e.g. a full disk: name the file
             msg = f"{e.filename}: {e.strerror}"
         else:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = _user_message(e)
         print(f"unetrpp {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
-        # out of memory (numpy's MemoryError, torch's allocator errors) is the user's machine, not a bug
+        # out of memory, a worker killed by the system, a symlink loop: the user's machine or files, not a bug
         text = str(e).strip()
-        if args.debug or not (isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(text)):
+        if args.debug:
             raise
-        first = text.splitlines()[0] if text else "MemoryError"
-        print(f"unetrpp {args.command}: error: out of memory: {first[:300]} (a smaller patch or batch, fewer "
-              "workers, or more memory; --debug shows the traceback)", file=sys.stderr)
+        if isinstance(e, MemoryError) or _OUT_OF_MEMORY.search(text):
+            msg = (f"out of memory: {_user_message(e)[:300]} (a smaller patch or batch, fewer workers, or more "
+                   "memory; --debug shows the traceback)")
+        elif _WORKER_DIED.search(text):
+            msg = (f"a worker process died ({_user_message(e)[:200]}); the system may have run out of memory: "
+                   "try fewer --workers (--debug shows the traceback)")
+        elif "Symlink loop" in text:
+            msg = f"{_user_message(e)} (--debug shows the traceback)"
+        else:
+            raise
+        print(f"unetrpp {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
+
+def _user_message(e: BaseException) -> str:
+    """The first line of an error; for one re-raised from a data-loading worker, the original error's line."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines[0].startswith("Caught ") and "worker process" in lines[0] and len(lines) > 1:
+        last = lines[-1]  # "ValueError: /data/case_seg.npy: unreadable ..."
+        head, sep, rest = last.partition(": ")
+        return rest if sep and head.isidentifier() else last
+    return lines[0]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..io import read_image, read_json
+    from ..io import read_image
     from ..viz import write_overlay
 
     image, geometry = read_image(args.image)
@@ -30,7 +30,9 @@ def run(args) -> int:
         raise ValueError(f"{args.label}: geometry differs from the image: {why}")
     names = None
     if args.dataset:
-        names = {int(v): k for k, v in read_json(Path(args.dataset) / "dataset.json")["labels"].items()}
+        from ..data.layout import read_labels
+
+        names = {v: k for k, v in read_labels(Path(args.dataset) / "dataset.json").items()}
     if not str(args.out).lower().endswith(".png"):
         raise ValueError(f"{args.out}: the output must be a .png file")
     write_overlay(image, label.astype("int64"), geometry.spacing_zyx, args.out, names, title=Path(args.label).name)

@@ -24,10 +24,14 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import sys
+    from pathlib import Path
 
     from ..data.layout import load_splits
     from ..data.plan import plan_dataset
+    from ..io.jsonio import check_writable
 
+    if Path(args.dataset, "dataset.json").is_file():
+        check_writable(args.dataset, "plans")  # before the fingerprint is computed
     load_splits(args.dataset)  # made (or checked) first: a bad splits.json leaves no plans.json behind
     plans = plan_dataset(args.dataset, patch_size=args.patch_size, batch_size=args.batch_size, preset=args.preset,
                          workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)

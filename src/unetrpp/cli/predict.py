@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-constant-windows", action="store_true",
                    help="compute every window of uniform voxels instead of once per value")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--batch", type=int, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
+    p.add_argument("--batch", type=_positive, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
     p.add_argument("--preview", action="store_true", help="also write CASE.png: three slices with the labels")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
@@ -40,6 +40,13 @@ def _margin(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: a probability margin between 0 and 1")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
     return value
 
 
@@ -94,7 +101,10 @@ def find_cases(path: Path, channels: int) -> list[tuple[str, list[Path], str]]:
         if not m and channels > 1:
             raise ValueError(f"{f}: the model takes {channels} channels; name the files CASE_0000{ending}, "
                              f"CASE_0001{ending}, ...")
-        groups.setdefault(case, {})[ch] = f
+        if ch in groups.setdefault(case, {}):
+            raise ValueError(f"{f}: channel {ch} of case {case} is also {groups[case][ch].name}; one output would "
+                             "serve two inputs; rename one of them")
+        groups[case][ch] = f
         endings[case] = ending
     cases = []
     for case, chans in groups.items():
@@ -137,15 +147,10 @@ def outputs_of(target: Path, save_probabilities: bool, preview: bool) -> list[Pa
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a probe file into it, so a read-only or missing location fails first."""
-    import tempfile
+    """A read-only, missing or full output location fails before any case is computed."""
+    from ..io.jsonio import check_writable as probe
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unetrpp-probe-"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{folder}: cannot write predictions there ({e.strerror or e})") from None
+    probe(folder, "predictions")
 
 
 def run(args) -> int:
@@ -168,6 +173,12 @@ def run(args) -> int:
     if single_file_out and len(cases) > 1:
         raise ValueError(f"{out}: {len(cases)} cases to write; give an output folder")
     targets = [(c, files, out if single_file_out else out / f"{c}{ending}") for c, files, ending in cases]
+    seen: dict[Path, list[Path]] = {}
+    for _, files, target in targets:
+        if target in seen:
+            raise ValueError(f"{target}: two inputs would write it ({seen[target][0]} and {files[0]}); "
+                             "rename one of them")
+        seen[target] = files
     outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview) for t in targets}
     refuse_overwriting_inputs(inp, out, [(c, files, outputs[t]) for c, files, t in targets])
     check_writable(out.parent if single_file_out else out)  # before any case is computed

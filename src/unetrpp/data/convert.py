@@ -47,8 +47,18 @@ ACDC_LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
 LUNG_TEST = [f"lung_{i:03d}" for i in (1, 3, 25, 27, 44, 46, 48, 58, 62, 70, 81, 83, 93)]
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy byte for byte via a temporary file and a rename."""
+def copy_atomic(src: Path, dst: Path, root: Path | None = None) -> None:
+    """Copy byte for byte via a temporary file and a rename; ``src`` (links resolved) must be a regular
+    file inside ``root`` when given, so a link in a downloaded folder cannot pull in other files."""
+    if root is not None:
+        try:
+            real = src.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{src}: cannot be read ({e})") from None
+        if not real.is_relative_to(Path(root).resolve()):
+            raise ValueError(f"{src}: points outside {root} (to {real}); refusing to copy it")
+        if not real.is_file():
+            raise ValueError(f"{src}: not a regular file")
     with open(src, "rb") as f:
         atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
@@ -96,10 +106,10 @@ def convert_synapse(src: str | os.PathLike, dst: str | os.PathLike, variant: str
         raise ValueError(f"{labels[orphans[0]]}: label without image img{orphans[0][3:]}.nii.gz")
     train = sorted(labels)
     for n in train:
-        copy_atomic(images[n], dst / "imagesTr" / f"{n}_0000.nii.gz")
-        copy_atomic(labels[n], dst / "labelsTr" / f"{n}.nii.gz")
+        copy_atomic(images[n], dst / "imagesTr" / f"{n}_0000.nii.gz", src)
+        copy_atomic(labels[n], dst / "labelsTr" / f"{n}.nii.gz", src)
     for n in sorted(set(images) - set(labels)):
-        copy_atomic(images[n], dst / "imagesTs" / f"{n}_0000.nii.gz")
+        copy_atomic(images[n], dst / "imagesTs" / f"{n}_0000.nii.gz", src)
     write_dataset_json(
         dst, ["CT"], BTCV_LABELS, len(train), ".nii.gz", name=variant,
         description=f"BTCV abdomen CT converted by unetrpp ({variant} split)",
@@ -146,13 +156,13 @@ def convert_acdc(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             img = _need(folder / f"{case}.nii.gz")
             gt = folder / f"{case}_gt.nii.gz"
             if number <= 100:
-                copy_atomic(img, dst / "imagesTr" / f"{case}_0000.nii.gz")
-                copy_atomic(_need(gt), dst / "labelsTr" / f"{case}.nii.gz")
+                copy_atomic(img, dst / "imagesTr" / f"{case}_0000.nii.gz", src)
+                copy_atomic(_need(gt), dst / "labelsTr" / f"{case}.nii.gz", src)
                 train.append(case)
             else:
-                copy_atomic(img, dst / "imagesTs" / f"{case}_0000.nii.gz")
+                copy_atomic(img, dst / "imagesTs" / f"{case}_0000.nii.gz", src)
                 if gt.exists():
-                    copy_atomic(gt, dst / "labelsTs" / f"{case}.nii.gz")
+                    copy_atomic(gt, dst / "labelsTs" / f"{case}.nii.gz", src)
                 test_patients.append(case)
     write_dataset_json(dst, ["MRI"], ACDC_LABELS, len(train), ".nii.gz", name="acdc",
                        description="ACDC cine MRI (ED and ES frames) converted by unetrpp")  # fmt: skip
@@ -196,6 +206,8 @@ def _case_of(src: Path, entry: str, where: str) -> str:
 def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1) -> Path:
     """A Medical Segmentation Decathlon task folder -> v2 layout (+ splits)."""
     src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise ValueError(f"{dst}: the output must be outside the MSD task folder {src} (it would overwrite it)")
     meta = read_json(src / "dataset.json")
     if not isinstance(meta, dict) or "training" not in meta:
         raise ValueError(f"{src / 'dataset.json'}: not an MSD dataset.json (no 'training' list)")

@@ -176,6 +176,26 @@ def validate_dataset_json(meta) -> list[str]:
     return problems
 
 
+def read_labels(path: str | os.PathLike) -> dict[str, int]:
+    """``{name: value}`` from a dataset.json, v2 (``{"liver": 1}``) or MSD (``{"1": "liver"}``) style."""
+    path = Path(path)
+    meta = read_json(path)
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{path}: no 'labels' mapping")
+
+    def integer(v) -> int | None:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        return int(v) if isinstance(v, str) and v.strip().isdigit() else None
+
+    if all(integer(v) is not None for v in labels.values()):
+        return {str(k): integer(v) for k, v in labels.items()}
+    if all(integer(k) is not None and isinstance(v, str) for k, v in labels.items()):  # MSD: value -> name
+        return {v: integer(k) for k, v in labels.items()}
+    raise ValueError(f"{path}: 'labels' must map names to integer values (or, MSD style, values to names)")
+
+
 def write_dataset_json(
     root: str | os.PathLike,
     channel_names: list[str] | dict,

@@ -125,9 +125,23 @@ class Plans:
         norm = d["normalization"]
         if not isinstance(norm, list) or len(norm) != len(channels) or not all(isinstance(n, dict) for n in norm):
             raise ValueError(f"{source}: normalization must hold one scheme per channel ({len(channels)})")
+        for c, scheme in enumerate(norm):
+            if problem := _scheme_problem(scheme):
+                raise ValueError(f"{source}: normalization of channel {c}: {problem}")
+        resampling = d.get("resampling", {"image_order": 3, "label_order": 1})
+        if not isinstance(resampling, dict) or not all(
+                isinstance(resampling.get(k), int) and not isinstance(resampling.get(k), bool)
+                and 0 <= resampling[k] <= 5 for k in ("image_order", "label_order")):
+            raise ValueError(f"{source}: resampling must give image_order and label_order as integers 0-5, "
+                             f"got {resampling!r}")
         patch = _ints(d["patch_size"], "patch_size", source)
         network = d.get("network")
         preset = d.get("preset")
+        if preset is not None:
+            from ..network.presets import PRESETS
+
+            if preset not in PRESETS:
+                raise ValueError(f"{source}: unknown preset {preset!r}; one of: {', '.join(PRESETS)} (or null)")
         if network is None:  # version 1: the network came from --preset at train time (synapse if none)
             from ..network.presets import get_preset
 
@@ -170,3 +184,20 @@ class Plans:
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json(self.to_dict(), path)
+
+
+def _scheme_problem(scheme: dict) -> str | None:
+    """What is wrong with one channel's normalisation scheme (None: nothing)."""
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    kind = scheme.get("scheme")
+    if kind not in ("ct", "zscore", "none"):
+        return f"scheme must be ct, zscore or none, got {kind!r}"
+    if kind == "ct":
+        clip = scheme.get("clip")
+        if not (isinstance(clip, list) and len(clip) == 2 and all(finite(v) for v in clip) and clip[0] <= clip[1]):
+            return f"clip must be two finite numbers, low <= high, got {clip!r}"
+        if not (finite(scheme.get("mean")) and finite(scheme.get("std")) and scheme["std"] >= 0):
+            return f"mean and std must be finite numbers (std >= 0), got {scheme.get('mean')!r}, {scheme.get('std')!r}"
+    return None

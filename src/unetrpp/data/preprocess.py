@@ -196,6 +196,12 @@ def preprocess_dataset(
     root = Path(root)
     ds = Dataset.open(root)
     plans = Plans.coerce(plans) if plans is not None else load_plans(root / "plans.json")
+    if {k: int(v) for k, v in ds.labels.items()} != {k: int(v) for k, v in plans.labels.items()}:
+        raise ValueError(f"{root / 'dataset.json'}: its labels {ds.labels} are not the plans' {plans.labels}; "
+                         "run `unetrpp plan` again")
+    if len(ds.channel_names) != len(plans.channel_names):
+        raise ValueError(f"{root / 'dataset.json'}: {len(ds.channel_names)} channel(s), the plans were made for "
+                         f"{len(plans.channel_names)}; run `unetrpp plan` again")
     out_dir = Path(out_dir) if out_dir is not None else root / "preprocessed"
     out_dir.mkdir(parents=True, exist_ok=True)
     plans.save(out_dir / "plans.json")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,9 @@ class _NiftiHeader:
     compressed: bool
 
 
+#: Bits per voxel of each NIfTI datatype code.
+_NIFTI_BITS = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64,
+               1536: 128, 1792: 128, 2048: 256, 2304: 32}
 #: NIfTI datatype codes of IEEE floats (float32, float64), the only stored types that can hold NaN.
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
@@ -245,7 +249,7 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
             with open(path, "rb") as f:
                 head = f.read(544)
             actual, compressed = path.stat().st_size, None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise ImageReadError(f"{path}: unreadable or truncated: {e}") from None
     if len(head) < 348:
         raise ImageReadError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
@@ -259,7 +263,10 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
         datatype, bitpix = struct.unpack(end + "2h", head[70:74])
         dim = struct.unpack(end + "8h", head[40:56])
         pixdim = struct.unpack(end + "8f", head[76:108])
-        offset = int(struct.unpack(end + "f", head[108:112])[0])
+        offset = struct.unpack(end + "f", head[108:112])[0]
+        if not (math.isfinite(offset) and 0 <= offset < 2**40):
+            raise ImageReadError(f"{path}: corrupt NIfTI header (vox_offset {offset})")
+        offset = int(offset)
         scl_inter = struct.unpack(end + "f", head[116:120])[0]
     else:
         if len(head) < 540:
@@ -268,6 +275,8 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
         dim = struct.unpack(end + "8q", head[16:80])
         pixdim = struct.unpack(end + "8d", head[104:168])
         offset = struct.unpack(end + "q", head[168:176])[0]
+        if not 0 <= offset < 2**40:
+            raise ImageReadError(f"{path}: corrupt NIfTI header (vox_offset {offset})")
         scl_inter = struct.unpack(end + "d", head[184:192])[0]
     ndim = dim[0]
     if not 1 <= ndim <= 7 or bitpix <= 0:
@@ -280,7 +289,8 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
     if not all(math.isfinite(v) and v > 0 for v in spacing):
         raise ImageReadError(f"{path}: bad spacing in header: pixdim {_fmt(spacing)} must be positive and finite")
     voxels = math.prod(int(d) for d in dim[1 : ndim + 1])
-    expected = max(offset, size) + voxels * bitpix // 8
+    bits = _NIFTI_BITS.get(datatype, bitpix)  # readers size the data by the datatype, not bitpix
+    expected = max(offset, size) + voxels * bits // 8
     if compressed is not None and actual != expected % 2**32:
         # the gzip trailer disagrees (a cut file ends in arbitrary bytes): decompress to be sure
         try:
@@ -288,7 +298,7 @@ def _verify_nifti(path: Path) -> _NiftiHeader:
             with gzip.open(path, "rb") as f:
                 while chunk := f.read(1 << 24):
                     actual += len(chunk)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ImageReadError(f"{path}: truncated or corrupt gzip stream: {e}") from None
     if actual < expected:
         raise ImageReadError(f"{path}: truncated: header needs {expected} bytes of data, the file holds {actual}")
@@ -311,7 +321,7 @@ def _nifti_nonfinite(h: _NiftiHeader) -> int:
                 carry = chunk[usable:]
                 x = np.frombuffer(chunk[:usable], dtype)
                 bad += x.size - int(np.count_nonzero(np.isfinite(x)))
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise ImageReadError(f"{h.path}: truncated or corrupt gzip stream: {e}") from None
     return bad
 
@@ -429,12 +439,8 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if ending in (".mhd", ".nhdr"):  # header + separate data file: the pair cannot be renamed atomically
-        try:
-            sitk.WriteImage(image, str(path), compress)
-        except RuntimeError as e:
-            raise ImageWriteError(f"{path}: {_first_line(e)}") from None
-        return path
+    if ending in (".mhd", ".nhdr"):
+        return _write_pair(image, array, geometry, path, compress)
     fd, tmp = tempfile.mkstemp(prefix=f".{Path(stem).name}.", suffix=f".partial{ending}", dir=path.parent)
     os.close(fd)
     try:
@@ -447,4 +453,30 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def _write_pair(image, array: np.ndarray, geometry: Geometry, path: Path, compress: bool) -> Path:
+    """A header + data file format (``.mhd``, ``.nhdr``): written and verified in a hidden folder beside
+    ``path`` under the final names (the header names its data file), then the data file is renamed
+    into place and the header last, so an existing header always has its complete data."""
+    import shutil
+
+    sitk = _sitk()
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        header = folder / path.name
+        sitk.WriteImage(image, str(header), compress)
+        data_files = [f for f in folder.iterdir() if f.name != path.name]
+        for f in data_files:
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _verify_written(str(header), array, geometry, path)
+        for f in [*data_files, header]:
+            follow_umask(str(f))
+            os.replace(f, path.parent / f.name)
+    except RuntimeError as e:
+        raise ImageWriteError(f"{path}: {_first_line(e)}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path

@@ -33,10 +33,28 @@ def atomic_write(path: Path, write) -> Path:
             os.fsync(f.fileno())
         follow_umask(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a short write names no file: name the one we were writing
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def check_writable(folder: str | os.PathLike, what: str = "outputs") -> None:
+    """Create ``folder`` and write, sync and remove a 64 KiB probe in it, so a read-only, missing or
+    full location fails before any work is done (one line naming it)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unetrpp-probe-") as f:
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write {what} there ({e.strerror or e})") from None
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
@@ -59,6 +77,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read") from None
 
 
 def finite(obj):

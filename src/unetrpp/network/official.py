@@ -63,17 +63,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_safe_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's own message advises weights_only=False, which would run the file's code: never repeat it
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not found and "global" not in str(e).lower():  # random or damaged bytes, not a pickled object
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file: "
-                                  f"{first[:120]})") from None
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file)") from None
         what = f"the global {found.group(1)}" if found else "objects other than tensors and containers"
-        raise CheckpointError(
-            f"{path}: refused to load: it contains {what}, which could run code ({first[:120]})"
-        ) from None
+        raise CheckpointError(f"{path}: refused to load: it contains {what}, which could run code") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+    except Exception as e:  # whatever else torch's reader raises on arbitrary bytes (IndexError, KeyError, ...)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (damaged or another kind of file: "
+                              f"{type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict (a checkpoint or a state_dict), got {type(obj).__name__}")
     return obj

@@ -377,10 +377,13 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
 
 def _atomic_write(target: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename over ``target``: readers never see a half file."""
+    from ..io.jsonio import follow_umask
+
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        follow_umask(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

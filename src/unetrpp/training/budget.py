@@ -25,6 +25,7 @@ Everything measured and chosen is recorded in ``train_config.json`` (``recipe_no
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -72,8 +73,9 @@ class RunPlan:
 
 
 def measure_step(model_config: dict, batch: int, device: torch.device, amp: str = "off",
-                 steps: int = 2) -> tuple[float, float]:
-    """Seconds of one training step (the fastest after the first) and of one inference window."""
+                 steps: int = 4) -> tuple[float, float]:
+    """Seconds of one training step (the median after the first: one sample can be lucky on a shared
+    machine) and of one inference window."""
     from ..inference.sliding_window import autocast_for
     from ..network.unetrpp import UNETRPP
     from .loss import DeepSupervisionLoss, DiceCELoss
@@ -105,7 +107,7 @@ def measure_step(model_config: dict, batch: int, device: torch.device, amp: str 
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             fwd = time.perf_counter() - t0
-        return min(times[1:] or times), fwd
+        return statistics.median(times[1:] or times), fwd
     finally:
         torch.set_rng_state(rng)
 

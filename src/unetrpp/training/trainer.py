@@ -343,7 +343,15 @@ class Trainer:
     def _run(self, resume: bool, latest: Path) -> dict:
         ckpt = load_checkpoint(latest, map_location="cpu") if resume and latest.exists() else None
         if ckpt is not None:
-            saved = TrainConfig.from_json(ckpt["train_config"])
+            lacking = [k for k in ("train_config", "optimizer", "rng", "epoch", "ema", "best_ema", "history", "elapsed")
+                       if k not in ckpt]
+            if lacking:
+                raise ValueError(f"{latest}: cannot resume from it: it lacks {', '.join(lacking)} (a final or best "
+                                 "checkpoint holds no training state)")
+            try:
+                saved = TrainConfig.from_json(ckpt["train_config"])
+            except (TypeError, ValueError, KeyError) as e:
+                raise ValueError(f"{latest}: cannot resume from it: bad train_config ({e})") from None
             if (saved.preset or self.plans.preset) != (self.cfg.preset or self.plans.preset) \
                     or saved.fold != self.cfg.fold:
                 raise ValueError(f"{latest}: was trained with another preset or fold; cannot resume")
@@ -362,8 +370,11 @@ class Trainer:
         if ckpt is not None:
             if ckpt["model_config"] != self.model_config:
                 raise ValueError(f"{latest}: was trained with another network; cannot resume")
-            model.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                model.load_state_dict(ckpt["state_dict"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{latest}: cannot resume from it: {str(e).strip().splitlines()[0][:200]}") from None
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
