@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,46 @@ def test_sigterm_saves_checkpoint_latest_inside_an_epoch(dataset, tmp_path):
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < 400 and "optimizer" in ckpt
     assert "checkpoint_latest.pt written at epoch 0 iteration" in (out / "log.txt").read_text()
     assert not (out / "checkpoint_final.pt").exists()
+
+
+def test_coarser_spacing_rule():
+    from unetrpp.training.budget import coarser_spacing
+
+    assert coarser_spacing([64, 128, 128], [32, 64, 64]) == [2.0, 2.0, 2.0]  # 1/8 of the voxels: coarser
+    assert coarser_spacing([64, 128, 128], [16, 64, 64]) == [4.0, 2.0, 2.0]
+    assert coarser_spacing([48, 128, 160], [32, 64, 96]) is None  # 1/5: the patch keeps enough context
+    assert coarser_spacing([32, 64, 32], [32, 64, 32]) is None
+
+
+def test_a_short_run_that_affords_only_a_small_patch_trains_at_a_coarser_spacing(tmp_path, monkeypatch):
+    from unetrpp.training import budget
+
+    root = tmp_path / "ds"
+    make_phantom_dataset(root, cases=4, seed=5)
+    plan_dataset(root, patch_size=(32, 64, 64), preset="synapse")
+    preprocess_dataset(root, workers=1)
+    planned = load_plans(root / "plans.json")
+
+    def only_the_cheapest(plans, budget_s, device, batch, amp, model_config, patch=None, width=None,
+                          fixed_network=False, log=print):
+        assert list(patch) == [32, 64, 64] and not fixed_network
+        return budget.RunPlan(True, 8, [16, 32, 32], 0.05, 0.01, iters_per_epoch=2, val_iters=1,
+                              notes=["measured: width 8 ...", "short run (...)"])
+
+    monkeypatch.setattr(budget, "plan_run", only_the_cheapest)
+    overrides = {k: v for k, v in TINY.items() if k != "feature_size"}
+    cfg = _config(epochs=1, time_budget_min=2, model_overrides=overrides)
+    Trainer(root, cfg, out_dir=tmp_path / "run", progress=False, echo=False).run()
+    saved = TrainConfig.from_json(json.loads((tmp_path / "run" / "train_config.json").read_text()))
+    assert saved.spacing_scale == [2.0, 2.0, 2.0] and saved.patch_size == [16, 32, 32]
+    assert saved.recipe_notes[-1] == "short run (...)" and "covers the planned field of view" in saved.recipe_notes[-2]
+    coarse = [2 * t for t in planned.target_spacing]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_final.pt")
+    assert ckpt["plans"]["target_spacing"] == pytest.approx(coarse)
+    assert ckpt["model_config"]["img_size"] == [16, 32, 32]
+    folders = sorted(p.name for p in root.iterdir() if p.name.startswith("preprocessed_"))
+    assert len(folders) == 1
+    stored = load_plans(root / folders[0] / "plans.json")
+    assert stored.target_spacing == pytest.approx(coarse)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert re.search(r"preprocessed 4 case\(s\) at \[[0-9., ]+\] mm into preprocessed_", log)

@@ -53,6 +53,7 @@ class TrainConfig:
     log_every_s: float = 60.0  # a progress line at least this often, in log.txt and on stdout
     checkpoint_every_min: float = 10.0  # checkpoint_latest.pt at least this often, inside epochs too
     recipe_notes: list[str] = field(default_factory=list)  # what the budget measured and chose
+    spacing_scale: list[float] | None = None  # short runs: train at the plans' spacing times this (budget rule 2)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:

@@ -177,6 +177,28 @@ class Trainer:
         if Plans.coerce(read_json(marker), str(marker)).id != self.plans.id:
             raise ValueError(f"{self.pre_dir}: preprocessed with other plans; rerun `unetrpp preprocess {self.root}`")
 
+    def _train_coarser(self, scale: list[float]) -> None:
+        """Train at the plans' spacing times ``scale`` (budget rule 2): preprocess the dataset for it
+        once, into a folder of its own (a rerun or a resume finds it done), and train from there."""
+        from ..data.preprocess import preprocess_dataset
+
+        base = self.plans
+        spacing = [float(t) * float(f) for t, f in zip(base.target_spacing, scale, strict=True)]
+        median = base.median_shape_after_resampling
+        self.plans = dataclasses.replace(
+            base, target_spacing=spacing,
+            median_shape_after_resampling=[m / f for m, f in zip(median, scale, strict=True)] if median else median,
+            decisions=[*base.decisions, f"train: a short run trains at {[round(v, 4) for v in spacing]} mm"])
+        self.pre_dir = self.root / f"preprocessed_{self.plans.id}"
+        if self.is_main:
+            t = time.perf_counter()
+            summary = preprocess_dataset(self.root, self.pre_dir, self.plans, workers=max(1, self.cfg.workers))
+            self.log(f"preprocessed {summary['processed']} case(s) at {[round(v, 3) for v in spacing]} mm into "
+                     f"{self.pre_dir.name} in {time.perf_counter() - t:.0f} s")
+        if self.world > 1:
+            dist.barrier()
+        self._check_preprocessed()
+
     def _device(self) -> torch.device:
         want = self.cfg.device
         if want == "auto":
@@ -277,8 +299,10 @@ class Trainer:
         if ckpt is not None:  # a resumed run keeps what it chose at its start
             saved = TrainConfig.from_json(ckpt["train_config"])
             keep = ("recipe", "optimizer", "lr", "patch_size", "model_overrides", "iters_per_epoch", "val_iters",
-                    "recipe_notes")
+                    "recipe_notes", "spacing_scale")
             self.cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in keep})
+            if self.cfg.spacing_scale:
+                self._train_coarser(self.cfg.spacing_scale)
             self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
         budget_s = 60 * cfg.time_budget_min if cfg.time_budget_min else None
         probe = None
@@ -300,6 +324,15 @@ class Trainer:
                 if not fixed:
                     changes.update(patch_size=probe.patch,
                                    model_overrides={**cfg.model_overrides, "feature_size": probe.feature_size})
+                    scale = budget_rules.coarser_spacing(self.patch, probe.patch)
+                    if scale:
+                        changes["spacing_scale"] = scale
+                        spacing = [round(t * f, 4) for t, f in zip(self.plans.target_spacing, scale, strict=True)]
+                        note = (f"the affordable patch {tuple(probe.patch)} holds <= 1/8 of the planned "
+                                f"{tuple(self.patch)}: training at {spacing} mm (the plans' spacing x "
+                                f"{[round(f, 3) for f in scale]}), where it covers the planned field of view")
+                        probe.notes.insert(len(probe.notes) - 1, note)  # the recipe line stays last
+                        self.log(note)
                 if cfg.iters_per_epoch == 250 and cfg.val_iters == 50:  # the defaults: epochs of about a minute
                     changes.update(iters_per_epoch=probe.iters_per_epoch, val_iters=probe.val_iters)
             self.cfg = dataclasses.replace(cfg, **changes)
@@ -313,6 +346,9 @@ class Trainer:
             box = [self.cfg]
             dist.broadcast_object_list(box, 0)
             self.cfg = box[0]
+        if ckpt is None and self.cfg.spacing_scale:
+            self._train_coarser(self.cfg.spacing_scale)
+        if self.world > 1 or (ckpt is None and self.cfg.spacing_scale):
             self._set_network(list(self.cfg.patch_size or self.plans.patch_size), self.cfg.model_overrides)
         for line in self.cfg.recipe_notes[-1:]:
             self.log(line)
