@@ -39,8 +39,9 @@ HERE = Path(__file__).resolve()
 SHARED = HERE.parents[2] / "shared" / "data"
 
 
-def _cases(name: str, work: Path, limit: int | None):
-    """``(model, [(case, image, reference)], classes {name: value})`` of a set."""
+def _cases(name: str, work: Path, limit: int | None, models: dict | None = None):
+    """``(model, [(case, image, reference)])`` of a set; ``models`` overrides a set's checkpoint."""
+    models = models or {}
     if name in ("ct", "ct_fine"):  # the phantom network at its spacing, or the one of the finer phantom set
         model = work / ("phantom" if name == "ct" else "phantom_fine") / "results" / "unetrpp_fold0" / \
             "checkpoint_final.pt"
@@ -52,6 +53,7 @@ def _cases(name: str, work: Path, limit: int | None):
                  for f in sorted((root / "imagesTs").glob("*_0000.nii.gz"))]
     else:
         raise SystemExit(f"unknown set {name!r}")
+    model = Path(models.get(name, model))
     if not model.exists():
         raise SystemExit(f"{model}: not there; run benchmarks/own_data.py (it trains the networks used here)")
     return model, cases[:limit] if limit else cases
@@ -95,7 +97,7 @@ def child(args) -> None:
     from unetrpp.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
-    model, cases = _cases(args.set, args.work, args.cases)
+    model, cases = _cases(args.set, args.work, args.cases, _models(args))
     method = args.child
     if method.startswith("margin="):  # margin=M or margin=M/STEP
         m, _, st = method.split("=")[1].partition("/")
@@ -166,14 +168,18 @@ def _dice(a, b, value) -> float | None:
     return None if s == 0 else 2.0 * int(np.logical_and(x, y).sum()) / s
 
 
-def score(set_name: str, work: Path, limit: int | None, out: Path, methods: list[str]) -> dict:
+def _models(args) -> dict:
+    return dict(m.split("=", 1) for m in args.model) if args.model else {}
+
+
+def score(set_name: str, work: Path, limit: int | None, out: Path, methods: list[str], models: dict) -> dict:
     """Per class: mean Dice against the reference and against the exact protocol's labels."""
     import numpy as np
 
     from unetrpp.checkpoint import load_checkpoint
     from unetrpp.io import read_image
 
-    model, cases = _cases(set_name, work, limit)
+    model, cases = _cases(set_name, work, limit, models)
     labels = {k: int(v) for k, v in load_checkpoint(model)["plans"]["labels"].items() if int(v)}
     result = {}
     refs = {name: read_image(ref)[0].astype(np.int64) for name, _, ref in cases}
@@ -206,6 +212,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, help="only the first N cases of each set")
     ap.add_argument("--out", type=Path, default=Path("/tmp/unetrpp-fast-predict"))
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", action="append", metavar="SET=CHECKPOINT", help="another checkpoint for a set")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--set", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,6 +233,7 @@ def main() -> None:
             for m in methods:  # interleaved
                 cmd = [sys.executable, str(HERE), "--child", m, "--set", set_name, "--work", str(args.work),
                        "--out", str(out)] + (["--cases", str(args.cases)] if args.cases else [])
+                cmd += [f"--model={v}" for v in args.model or []]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                 if proc.returncode or not line:
@@ -234,7 +242,7 @@ def main() -> None:
                 runs[m].append(res)
                 print(f"{set_name} round {r} {m}: {res['seconds']:.1f} s, {res['passes']} passes, "
                       f"{res['peak_rss_mb']:.0f} MB", flush=True)
-        scores = score(set_name, args.work, args.cases, out, methods)
+        scores = score(set_name, args.work, args.cases, out, methods, _models(args))
         entry = {}
         for m in methods:
             secs = [x["seconds"] for x in runs[m]]

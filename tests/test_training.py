@@ -259,13 +259,29 @@ def test_sigterm_saves_checkpoint_latest_inside_an_epoch(dataset, tmp_path):
     assert not (out / "checkpoint_final.pt").exists()
 
 
-def test_coarser_spacing_rule():
-    from unetrpp.training.budget import coarser_spacing
+def test_coarser_spacing_rule(dataset):
+    import numpy as np
 
-    assert coarser_spacing([64, 128, 128], [32, 64, 64]) == [2.0, 2.0, 2.0]  # 1/8 of the voxels: coarser
-    assert coarser_spacing([64, 128, 128], [16, 64, 64]) == [4.0, 2.0, 2.0]
-    assert coarser_spacing([48, 128, 160], [32, 64, 96]) is None  # 1/5: the patch keeps enough context
-    assert coarser_spacing([32, 64, 32], [32, 64, 32]) is None
+    from unetrpp.data.preprocess import load_case
+    from unetrpp.training.budget import coarser_spacing, foreground_extent
+
+    # the patch covers under half the anatomy: coarser, until it covers the extent or the planned patch
+    assert coarser_spacing([64, 128, 128], [48, 64, 64], [84, 116, 180]) == pytest.approx([1.3333, 1.8125, 2.0],
+                                                                                       abs=1e-4)
+    assert coarser_spacing([64, 128, 128], [32, 64, 64], [84, 116, 180]) == pytest.approx([2.0, 1.8125, 2.0])
+    assert coarser_spacing([48, 128, 160], [32, 64, 96], [42, 64, 101]) is None  # covers 0.9: enough
+    assert coarser_spacing([32, 64, 32], [32, 64, 32], [25, 39, 22]) is None  # the planned patch itself
+    assert coarser_spacing([64, 128, 128], [32, 64, 64], None) is None
+    # the extent comes from the stored class locations: close to the labels' bounding box
+    names = sorted(p.name[:-5] for p in (dataset / "preprocessed").glob("*.json") if p.name != "plans.json")
+    extent = foreground_extent(dataset / "preprocessed", names)
+    boxes = []
+    for n in names:
+        seg = np.asarray(load_case(dataset / "preprocessed", n)[1])
+        idx = np.argwhere(seg > 0)
+        boxes.append(idx.max(0) - idx.min(0) + 1)
+    truth = np.median(np.array(boxes), axis=0)
+    assert np.all(np.array(extent) <= truth) and np.all(np.array(extent) >= 0.8 * truth), (extent, truth)
 
 
 def test_a_short_run_that_affords_only_a_small_patch_trains_at_a_coarser_spacing(tmp_path, monkeypatch):
@@ -284,12 +300,14 @@ def test_a_short_run_that_affords_only_a_small_patch_trains_at_a_coarser_spacing
                               notes=["measured: width 8 ...", "short run (...)"])
 
     monkeypatch.setattr(budget, "plan_run", only_the_cheapest)
+    monkeypatch.setattr(budget, "foreground_extent", lambda folder, names: [64.0, 128.0, 128.0])
     overrides = {k: v for k, v in TINY.items() if k != "feature_size"}
     cfg = _config(epochs=1, time_budget_min=2, model_overrides=overrides)
     Trainer(root, cfg, out_dir=tmp_path / "run", progress=False, echo=False).run()
     saved = TrainConfig.from_json(json.loads((tmp_path / "run" / "train_config.json").read_text()))
     assert saved.spacing_scale == [2.0, 2.0, 2.0] and saved.patch_size == [16, 32, 32]
-    assert saved.recipe_notes[-1] == "short run (...)" and "covers the planned field of view" in saved.recipe_notes[-2]
+    assert saved.recipe_notes[-1] == "short run (...)" and "covers under half of the labelled anatomy" in \
+        saved.recipe_notes[-2]
     coarse = [2 * t for t in planned.target_spacing]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_final.pt")
     assert ckpt["plans"]["target_spacing"] == pytest.approx(coarse)

@@ -14,12 +14,13 @@ pseudo-Dice of 0.000 after 100 steps, where AdamW at lr 3e-3 reached 0.80 in 300
    patch (context) beats a wider network.
 2. If even the plans' network makes ``FULL_RUN_STEPS`` steps, the run is not short: the paper's
    recipe. Otherwise: AdamW, lr 3e-3, weight decay 3e-5, poly decay over the budget, epochs of
-   about a minute, validation batches about a tenth of the training ones. If the budget affords
-   no more than the cheapest rung (at most 1/8 of the planned patch's voxels), that patch would
-   see too little anatomy (an abdominal CT at 2.5 x 1.4 x 1.4 mm: 0.24 validation Dice on 32 x 64 x
-   64 patches), so the data is preprocessed again at the plans' spacing times planned / affordable
-   patch, per axis: the affordable patch then covers the planned field of view (the same phantom
-   trained at the coarser spacing reached 0.70). The preprocessing time comes out of the budget.
+   about a minute, validation batches about a tenth of the training ones. If the affordable patch
+   covers less than half of the labelled anatomy (geometric mean over the axes of patch / median
+   foreground extent), it would learn from too little context (an abdominal CT at 2.5 x 1.4 x 1.4
+   mm: 0.2 validation Dice on 48 x 64 x 64 patches, where the same phantom at twice the spacing
+   reached 0.70): the data is preprocessed again at a spacing coarser by, per axis, the smaller of
+   the extent and the planned patch over the affordable patch. The preprocessing time comes out of
+   the budget.
 3. The final whole-case validation gets at most ``FINAL_VALIDATION_FRACTION`` of the budget:
    with mirroring if it fits, else without, else on as many evenly spaced cases as fit, else
    skipped; and it stops early if the deadline comes anyway. Every choice is said in the log.
@@ -177,16 +178,36 @@ def plan_run(plans: Plans, budget_s: float, device: torch.device, batch: int, am
     return run
 
 
-#: A short run whose affordable patch holds at most this share of the planned voxels trains coarser.
-COARSER_BELOW = 1 / 8
+#: A short run trains coarser when its patch covers less than this share of the labelled anatomy
+#: (geometric mean over the axes of patch / foreground extent, each at most 1).
+COVERAGE_BELOW = 0.5
 
 
-def coarser_spacing(planned_patch: list[int], patch: list[int]) -> list[float] | None:
-    """Per-axis factors for the target spacing that give ``patch`` the field of view of ``planned_patch``,
-    or None when ``patch`` holds more than ``COARSER_BELOW`` of the planned voxels (rule 2)."""
-    if math.prod(patch) > COARSER_BELOW * math.prod(planned_patch) * (1 + 1e-9):
+def foreground_extent(folder, names: list[str]) -> list[float] | None:
+    """Median per-axis extent, in preprocessed voxels, of the labelled voxels of ``names`` (from the
+    stored class locations, a sample of every class); None when no case has any label."""
+    import numpy as np
+
+    from ..data.preprocess import load_case
+
+    extents = []
+    for name in names:
+        loc = load_case(folder, name)[2]
+        if len(loc):
+            extents.append(loc[:, 1:].max(axis=0) - loc[:, 1:].min(axis=0) + 1)
+    return [float(v) for v in np.median(np.array(extents), axis=0)] if extents else None
+
+
+def coarser_spacing(planned_patch: list[int], patch: list[int], extent: list[float] | None) -> list[float] | None:
+    """Per-axis factors for the target spacing (rule 2): when ``patch`` covers less than
+    ``COVERAGE_BELOW`` of the foreground ``extent``, the factors that let it cover the smaller of
+    the extent and the planned patch; None when it covers enough (or nothing is known)."""
+    if not extent or list(patch) == list(planned_patch):
         return None
-    return [max(1.0, p / q) for p, q in zip(planned_patch, patch, strict=True)]
+    cover = [min(1.0, p / e) for p, e in zip(patch, extent, strict=True)]
+    if math.prod(cover) ** (1 / len(cover)) >= COVERAGE_BELOW:
+        return None
+    return [max(1.0, min(big, e) / p) for big, e, p in zip(planned_patch, extent, patch, strict=True)]
 
 
 def windows_per_case(shape, patch, step: float = 0.5) -> int:

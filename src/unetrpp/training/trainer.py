@@ -324,13 +324,14 @@ class Trainer:
                 if not fixed:
                     changes.update(patch_size=probe.patch,
                                    model_overrides={**cfg.model_overrides, "feature_size": probe.feature_size})
-                    scale = budget_rules.coarser_spacing(self.patch, probe.patch)
+                    extent = budget_rules.foreground_extent(self.pre_dir, self.train_names)
+                    scale = budget_rules.coarser_spacing(self.patch, probe.patch, extent)
                     if scale:
                         changes["spacing_scale"] = scale
                         spacing = [round(t * f, 4) for t, f in zip(self.plans.target_spacing, scale, strict=True)]
-                        note = (f"the affordable patch {tuple(probe.patch)} holds <= 1/8 of the planned "
-                                f"{tuple(self.patch)}: training at {spacing} mm (the plans' spacing x "
-                                f"{[round(f, 3) for f in scale]}), where it covers the planned field of view")
+                        note = (f"the affordable patch {tuple(probe.patch)} covers under half of the labelled "
+                                f"anatomy (median extent {tuple(round(e) for e in extent)} voxels): training at "
+                                f"{spacing} mm (the plans' spacing x {[round(f, 3) for f in scale]})")
                         probe.notes.insert(len(probe.notes) - 1, note)  # the recipe line stays last
                         self.log(note)
                 if cfg.iters_per_epoch == 250 and cfg.val_iters == 50:  # the defaults: epochs of about a minute
