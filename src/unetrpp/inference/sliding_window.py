@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -201,14 +201,7 @@ def sliding_window_probabilities(
             boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True)) for st in starts]
             x = torch.stack([image[(slice(None), *b)] for b in boxes]).to(device, non_blocking=True)
             probs = None
-            for axes in flips:
-                dims = [a + 2 for a in axes]
-                xi = torch.flip(x, dims) if dims else x
-                with autocast_for(device, amp):
-                    logits = network(xi)
-                p = torch.softmax(logits.float(), dim=1)
-                if dims:
-                    p = torch.flip(p, dims)
+            for p in _passes(network, x, flips, device, amp):
                 probs = p if probs is None else probs.add_(p)
             probs.mul_(g / len(flips))
             probs = probs.to(acc_device)
@@ -224,17 +217,15 @@ def sliding_window_probabilities(
     return acc[(slice(None), *region)]
 
 
-def _passes(network, x: torch.Tensor, flips: list[list[int]], device, amp) -> list[torch.Tensor]:
-    """Softmax of ``x`` under each flip in ``flips`` (flipped back), in that order."""
-    out = []
+def _passes(network, x: torch.Tensor, flips: list[list[int]], device, amp) -> Iterator[torch.Tensor]:
+    """Softmax of ``x`` under each flip in ``flips`` (flipped back), one at a time, in that order."""
     for axes in flips:
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
         with autocast_for(device, amp):
             logits = network(xi)
         p = torch.softmax(logits.float(), dim=1)
-        out.append(torch.flip(p, dims) if dims else p)
-    return out
+        yield torch.flip(p, dims) if dims else p
 
 
 def _constant_key(window: torch.Tensor) -> bytes | None:
@@ -325,6 +316,8 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
 def _unsure(acc: torch.Tensor, weight: torch.Tensor, margin: float, slab: int = 8) -> tuple[torch.Tensor, int]:
     """Voxels whose blended top-1 minus top-2 probability is below ``margin``, and how many voxels are
     sure background; a few slices at a time, so no second ``(k, z, y, x)`` volume is made."""
+    if acc.shape[0] < 2:  # one class: nothing to be unsure about
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device), 0
     unsure = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
     background = 0
     for z in range(0, weight.shape[0], slab):
