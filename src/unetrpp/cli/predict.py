@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                    help="the official protocol: every window and every mirror computed (no shortcuts)")
     p.add_argument("--mirror-margin", type=_margin, default=None, metavar="M",
                    help="run a window's 7 mirrored passes only where its unmirrored top-2 probability margin "
-                        "is below M (default 0.5; 1 mirrors every window)")
+                        "is below M (default 0.3; 1 mirrors every voxel, on the coarser grid)")
     p.add_argument("--no-constant-windows", action="store_true",
                    help="compute every window of uniform voxels instead of once per value")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
