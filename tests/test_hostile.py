@@ -624,6 +624,7 @@ def test_preprocess_refuses_labels_that_changed_since_plan(tmp_path, capsys):
 @pytest.mark.parametrize(("field", "value", "needle"), [
     ("preset", "../../../tmp/x", "unknown preset '../../../tmp/x'"),
     ("preset", "/tmp/x", "unknown preset"),
+    ("preset", ["synapse"], "unknown preset"),
     ("normalization", [{"scheme": "ct"}], "clip must be two finite numbers"),
     ("normalization", [{"scheme": "ct", "clip": [-100, 200], "mean": float("nan"), "std": 1}], "mean and std"),
     ("normalization", [{"scheme": "whiten"}], "scheme must be ct, zscore or none"),

@@ -62,7 +62,7 @@ def shortcuts_of(args):
     margin = DEFAULT_SHORTCUTS.mirror_margin if args.mirror_margin is None else args.mirror_margin
     return Shortcuts(constant_windows=not args.no_constant_windows,
                      mirror_margin=None if margin is None or margin >= 1 else margin,
-                     mirror_weight=DEFAULT_SHORTCUTS.mirror_weight)
+                     mirror_step=DEFAULT_SHORTCUTS.mirror_step, mirror_weight=DEFAULT_SHORTCUTS.mirror_weight)
 
 
 def _is_dicom_dir(path: Path) -> bool:

@@ -140,7 +140,7 @@ class Plans:
         if preset is not None:
             from ..network.presets import PRESETS
 
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise ValueError(f"{source}: unknown preset {preset!r}; one of: {', '.join(PRESETS)} (or null)")
         if network is None:  # version 1: the network came from --preset at train time (synapse if none)
             from ..network.presets import get_preset
