@@ -5,7 +5,10 @@
 
 Networks: the ones ``benchmarks/own_data.py`` trained with the README's commands: for the real CT
 of ../shared/data/abdomen_ct the phantom network (``ct``, 4.95 x 2.76 x 2.76 mm) and the finer
-phantom network (``ct_fine``, 2.5 x 1.4 x 1.4 mm); the hippocampus network for the 52 held-out
+phantom network (``ct_fine``, 2.5 x 1.4 x 1.4 mm), and ``ct_self``, the network own_data.py trains on
+sub-volumes of that very scan (the phantom networks do not segment the real CT, so only ``ct_self``
+shows Dice on it); ``phantom`` and ``phantom_fine``: the phantom networks on their own held-out
+phantom CTs (whole abdomens, larger than the real crop); the hippocampus network for the 52 held-out
 hippocampus MRIs (``hippocampus``). Every method predicts every case with mirroring (8 flips), through
 ``Predictor`` (reading, preprocessing, sliding window, restoring to the input grid), in a process
 of its own (its peak memory is its own); the methods are interleaved, ``--repeats`` rounds. Only
@@ -14,8 +17,10 @@ the sliding window differs:
 * ``exact``: our driver with every shortcut off (``predict --exact``), the official protocol;
 * ``monai``: ``monai.inferers.sliding_window_inference`` (Gaussian, sigma 1/8, overlap 0.5) run on
   the volume and on its 7 flips, softmax probabilities averaged;
-* ``default``: what ``predict`` does with no flags; ``margin=M`` (or ``margin=M/STEP``: the mirrored
-  passes' margin and step) and ``constant``: other settings of the shortcuts.
+* ``default``: what ``predict`` does with no flags; ``margin=M`` (``predict --mirror-margin M``: the
+  driver's own windows, mirrored if they hold a voxel with a margin below M), ``margin=M/STEP``
+  (``--mirror-margin M --mirror-step STEP``) and ``constant``: other settings of the shortcuts.
+  ``METHOD@B`` runs B windows per forward pass.
 
 Reported per method: seconds (median over rounds, and per case), network passes, peak resident
 memory, Dice per class against the reference labels and against the exact protocol's labels, and
@@ -42,11 +47,13 @@ SHARED = HERE.parents[2] / "shared" / "data"
 def _cases(name: str, work: Path, limit: int | None, models: dict | None = None):
     """``(model, [(case, image, reference)])`` of a set; ``models`` overrides a set's checkpoint."""
     models = models or {}
-    if name in ("ct", "ct_fine"):  # the phantom network at its spacing, or the one of the finer phantom set
-        model = work / ("phantom" if name == "ct" else "phantom_fine") / "results" / "unetrpp_fold0" / \
-            "checkpoint_final.pt"
+    if name in ("ct", "ct_fine", "ct_self"):
+        # the phantom network at its spacing, the one of the finer phantom set, or the network trained on
+        # sub-volumes of this very scan (own_data.py's ct_self: it segments it, so Dice can be compared)
+        folder = {"ct": "phantom", "ct_fine": "phantom_fine", "ct_self": "ct_self"}[name]
+        model = work / folder / "results" / "unetrpp_fold0" / "checkpoint_final.pt"
         cases = [("abdomen_ct", SHARED / "abdomen_ct" / "ct.nii.gz", SHARED / "abdomen_ct" / "label_btcv13.nii.gz")]
-    elif name in ("hippocampus", "hippocampus_5mm"):
+    elif name in ("hippocampus", "hippocampus_5mm", "phantom", "phantom_fine"):
         root = work / name
         model = root / "results" / "unetrpp_fold0" / "checkpoint_final.pt"
         cases = [(f.name[: -len("_0000.nii.gz")], f, root / "labelsTs" / f.name.replace("_0000", ""))
@@ -69,9 +76,12 @@ def _monai_probabilities(predictor, data):
 
     x, region = _pad_to(torch.from_numpy(np.asarray(data, np.float32)), predictor.patch_size)
     x = x[None]
+    if hasattr(predictor.model, "deep_supervision"):
+        predictor.model.deep_supervision = False  # the full-resolution head only, as our driver runs it
 
     def net(t):
-        return torch.softmax(predictor._network(t).float(), dim=1)
+        out = predictor.model(t)
+        return torch.softmax((out[0] if isinstance(out, (list, tuple)) else out).float(), dim=1)
 
     total = None
     flips = [[], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4]]
@@ -98,16 +108,21 @@ def child(args) -> None:
 
     tune_cpu_allocator()
     model, cases = _cases(args.set, args.work, args.cases, _models(args))
-    method = args.child
+    method, _, batch = args.child.partition("@")  # METHOD@B: B windows per forward pass
     if method.startswith("margin="):  # margin=M or margin=M/STEP
         m, _, st = method.split("=")[1].partition("/")
-        shortcuts = Shortcuts(constant_windows=True, mirror_margin=float(m), mirror_step=float(st) if st else 1.0)
+        if st in ("", "grid"):  # the driver's own windows, each mirrored if any unsure voxel lies in it
+            shortcuts = Shortcuts(constant_windows=True, mirror_margin=float(m), mirror_step=None, mirror_weight=0.0)
+        else:  # as predict --mirror-margin M --mirror-step STEP
+            shortcuts = Shortcuts(constant_windows=True, mirror_margin=float(m), mirror_step=float(st),
+                                  mirror_weight=0.05)
     else:
         shortcuts = {"exact": EXACT, "monai": EXACT, "default": DEFAULT_SHORTCUTS,
                      "constant": Shortcuts(constant_windows=True, mirror_margin=None)}[method]
-    pred = Predictor.from_checkpoint(model, device="cpu", tta=True, shortcuts=shortcuts)
+    pred = Predictor.from_checkpoint(model, device="cpu", tta=True, shortcuts=shortcuts,
+                                     batch=int(batch) if batch else None)
     clock = {"network": 0.0, "sliding": 0.0, "restore": 0.0, "preprocess": 0.0, "read": 0.0, "write": 0.0}
-    inner = pred._network
+    inner = pred.model.forward
 
     def timed_network(x):
         t = time.perf_counter()
@@ -115,14 +130,14 @@ def child(args) -> None:
         clock["network"] += time.perf_counter() - t
         return out
 
-    pred._network = timed_network
+    pred.model.forward = timed_network  # every pass of every driver goes through the module's forward
     if method == "monai":
         pred.probabilities_preprocessed = lambda data: _monai_probabilities(pred, data)
     from unetrpp.data.preprocess import preprocess_array
     from unetrpp.inference.predictor import restore_label_from_probabilities
     from unetrpp.io import read_case, write_image
 
-    out_dir = Path(args.out) / method
+    out_dir = Path(args.out) / args.child
     out_dir.mkdir(parents=True, exist_ok=True)
     per_case, passes, windows, constant, mirrored, background, voxels = [], 0, 0, 0, 0, 0, 0
     t_all = time.perf_counter()

@@ -23,6 +23,10 @@ Datasets (made here, nothing downloaded):
   the images, per-class linear masks for the labels): a strongly anisotropic MRI set, 7-9 slices per case.
 * ``phantom``: 40 + 10 portal-venous phantom CTs at their own spacing (about 5 x 2.8 x 2.8 mm).
 * ``phantom_fine``: the same cases resampled to 2.5 x 1.4 x 1.4 mm (8x the voxels).
+* ``ct_self``: the real CT of ../shared/data/abdomen_ct (3 mm, TotalSegmentator labels). Its
+  8 training cases are overlapping sub-volumes of that scan (two halves along each axis), its
+  test case the whole scan: a network that has seen this patient, made to measure how the
+  prediction protocols (issue 18) differ on a real CT, not how well a model generalises.
 
 MONAI is a benchmark-only dependency: ``pip install --no-deps monai``.
 """
@@ -109,9 +113,43 @@ def make_set(name: str, work: Path) -> Path:
             make_phantom_dataset(base, cases=40, test=10, seed=7, workers=2, contrast=True)
         if name == "phantom_fine":
             _resampled_copy(base, root, (2.5, 1.4, 1.4))
+    elif name == "ct_self":
+        _ct_self(root)
     else:
         raise SystemExit(f"unknown set {name!r}")
     return root
+
+
+def _ct_self(root: Path) -> None:
+    import SimpleITK as sitk
+
+    src = SHARED / "abdomen_ct"
+    if not (src / "ct.nii.gz").exists():
+        raise SystemExit(f"{src}: not there (this benchmark reads ../shared/data)")
+    img = sitk.ReadImage(str(src / "ct.nii.gz"))
+    lab = sitk.ReadImage(str(src / "label_btcv13.nii.gz"))
+    for d in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    # overlapping halves along x, y and z (ITK index order), each about 3/4 of the axis
+    size = img.GetSize()
+    halves = [((0, s - s // 4), (s // 4, s)) for s in size]
+    n = 0
+    for xs in halves[0]:
+        for ys in halves[1]:
+            for zs in halves[2]:
+                sl = (slice(*xs), slice(*ys), slice(*zs))
+                sitk.WriteImage(img[sl], str(root / "imagesTr" / f"ctself_{n:03d}_0000.nii.gz"))
+                sitk.WriteImage(lab[sl], str(root / "labelsTr" / f"ctself_{n:03d}.nii.gz"))
+                n += 1
+    shutil.copy(src / "ct.nii.gz", root / "imagesTs" / "ctself_100_0000.nii.gz")
+    shutil.copy(src / "label_btcv13.nii.gz", root / "labelsTs" / "ctself_100.nii.gz")
+    from unetrpp.data.convert import BTCV_LABELS
+
+    meta = {"channel_names": {"0": "CT"}, "labels": BTCV_LABELS, "numTraining": n,
+            "file_ending": ".nii.gz", "name": "ct_self",
+            "description": "sub-volumes of the real abdominal CT of ../shared/data/abdomen_ct (training) and "
+                           "the whole scan (test)"}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -209,7 +247,8 @@ def _fixed_budget(trainer, minutes: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="hippocampus,hippocampus_5mm,phantom,phantom_fine")
+    ap.add_argument("--sets", default="hippocampus,hippocampus_5mm,phantom,phantom_fine",
+                    help="comma-separated; also ct_self (see above)")
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/unetrpp-own-data"))
     ap.add_argument("--skip-baseline", action="store_true")

@@ -141,6 +141,38 @@ def test_skipping_the_mirrors_of_an_unsure_network_changes_the_answer():
     assert stats["mirrored_windows"] == len(sw.window_grid((17, 23, 19), PATCH, 1.0))
 
 
+class SureWhereBright(torch.nn.Module):
+    """Class 1 with certainty where the input is near 3; elsewhere an unsure, flip-inconsistent ConvNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.unsure = ConvNet(seed=3, scale=0.7)
+
+    def forward(self, x):
+        bright = (x - 3).abs() < 0.5
+        sure = torch.stack([torch.zeros_like(x[:, 0]), torch.full_like(x[:, 0], 40.0), torch.zeros_like(x[:, 0])], 1)
+        return torch.where(bright, sure, self.unsure(x))
+
+
+@torch.no_grad()
+def test_the_default_gives_every_unsure_voxel_the_exact_answer_and_skips_only_sure_windows():
+    rng = np.random.default_rng(4)
+    image = torch.from_numpy(rng.normal(0, 1, (1, 17, 60, 19)).astype(np.float32))
+    image[0, :, 30:] = torch.from_numpy(3 + rng.uniform(-0.1, 0.1, (17, 30, 19)).astype(np.float32))  # sure
+    net = SureWhereBright().eval()
+    exact = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=EXACT)
+    stats: dict = {}
+    fast = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=sw.DEFAULT_SHORTCUTS, stats=stats)
+    # the windows wholly in the bright half skip their mirrors ...
+    assert 0 < stats["mirrored_windows"] < stats["windows"] and stats["passes"] < 8 * stats["windows"]
+    # ... and every voxel that any unsure window reaches gets the exact value; the labels are the exact ones
+    torch.testing.assert_close(fast[:, :, :36], exact[:, :, :36], rtol=0, atol=1e-6)
+    assert torch.equal(fast.argmax(0), exact.argmax(0))
+    # the coarser mirror grid (--mirror-step 1) blends other windows: it changes unsure voxels' answers
+    coarse = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=Shortcuts(True, 0.3, 1.0, 0.05))
+    assert (coarse[:, :, :30] - exact[:, :, :30]).abs().max() > 1e-3
+
+
 def test_the_mirror_grid_tiles_the_unsure_box():
     unsure = torch.zeros((40, 50, 30), dtype=torch.bool)
     assert sw._mirror_grid(unsure, unsure.shape, PATCH, 1.0) == []

@@ -27,3 +27,45 @@ def test_quoted_error_message_is_the_real_one():
     with pytest.raises(ValueError, match="does not fit stem_stride") as info:
         create_model("synapse", img_size=(60, 128, 128))
     assert str(info.value) == quoted
+
+
+def _commands(section: str) -> list[list[str]]:
+    """The ``unetrpp`` command lines of the first bash block under ``## section``, comments removed."""
+    import shlex
+
+    text = README.read_text().split(f"## {section}\n", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    lines = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert all(words[0] == "unetrpp" for words in lines), lines
+    return [words[1:] for words in lines]
+
+
+def test_share_a_model_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    from test_models import _dataset_with_runs, _volume
+    from unetrpp.cli.main import main
+
+    _dataset_with_runs(tmp_path / "D")
+    _volume(tmp_path / "scan.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    commands = _commands("Share a model")
+    assert [c[0] for c in commands] == ["find-best", "export-model", "show-model", "predict"]
+    for words in commands:
+        assert main(words) == 0, words
+    assert (tmp_path / "D" / "results" / "postprocessing.json").is_file()
+    assert (tmp_path / "seg.nii.gz").is_file() and "networks: 2" in capsys.readouterr().out
+
+
+def test_official_weights_commands_run_as_written(tmp_path, monkeypatch, capsys):
+    from test_import_official import _tiny, _volume, v1_info, write_official
+    from unetrpp.cli.main import main
+    from unetrpp.io import Geometry, read_image, write_image
+
+    write_official(tmp_path, _tiny(out_channels=14, feature_size=16), v1_info((2.0, 1.5, 1.5)))
+    write_image(_volume((10, 48, 48)), Geometry.identity((3.0, 1.0, 1.0)), tmp_path / "scan.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    commands = _commands("Official weights on your scans")
+    assert [c[0] for c in commands] == ["import-official", "show-model", "predict"]
+    for words in commands:
+        assert main(words) == 0, words
+    assert "liver" in capsys.readouterr().out  # show-model names the official labels
+    assert read_image(tmp_path / "seg.nii.gz")[0].shape == (10, 48, 48)

@@ -15,17 +15,21 @@ from . import (
     demo,
     evaluate,
     export,
+    export_model,
+    find_best,
+    import_official,
     info,
     overlay,
     phantom,
     plan,
     predict,
     preprocess,
+    show_model,
     train,
 )
 
 COMMANDS = (demo, info, convert_weights, convert, check, plan, preprocess, phantom, train, predict, evaluate, overlay,
-            export, bench)
+            export, find_best, export_model, import_official, show_model, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

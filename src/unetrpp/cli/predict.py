@@ -18,21 +18,35 @@ def add_parser(sub) -> None:
                     "of cases; channel files CASE_0000, CASE_0001, ... are grouped by case.")
     p.add_argument("-i", "--input", required=True, help="image file, DICOM folder, or folder of cases")
     p.add_argument("-o", "--output", required=True, help="output file (single input) or folder")
-    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by `unetrpp train`")
+    p.add_argument("-m", "--model", required=True, nargs="+", metavar="MODEL",
+                   help="a checkpoint (.pt), a run folder, a model package (.zip or folder from export-model or "
+                        "import-official), or several run folders (an ensemble: their probabilities averaged)")
+    p.add_argument("--postprocessing", metavar="JSON",
+                   help="postprocessing.json to apply ('none': none); default: the package's own, or for run "
+                        "folders the one `unetrpp find-best` wrote beside them for exactly these runs")
     p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster)")
     p.add_argument("--exact", action="store_true",
                    help="the official protocol: every window and every mirror computed (no shortcuts)")
     p.add_argument("--mirror-margin", type=_margin, default=None, metavar="M",
-                   help="run a window's 7 mirrored passes only where its unmirrored top-2 probability margin "
-                        "is below M (default 0.3; 1 mirrors every voxel, on the coarser grid)")
+                   help="run a window's 7 mirrored passes only if it holds a voxel whose unmirrored top-2 "
+                        "probability margin is below M (default 0.3; 1: every window)")
+    p.add_argument("--mirror-step", type=_step, default=None, metavar="S",
+                   help="faster, not exact: mirror the unsure voxels with windows S patches apart (e.g. 1) "
+                        "instead of every window that holds one; their answer may then differ from --exact's")
     p.add_argument("--no-constant-windows", action="store_true",
                    help="compute every window of uniform voxels instead of once per value")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--batch", type=_positive, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
     p.add_argument("--preview", action="store_true", help="also write CASE.png: three slices with the labels")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="DICOM input: also write CASE.dcm, a DICOM SEG referencing the series (needs unetrpp[dicom])")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    p.add_argument("--part-id", type=int, metavar="K",
+                   help="predict only part K (0-based) of --num-parts: every N-th of the sorted cases, from the "
+                        "K-th (one job per part; under torchrun each rank takes its part by itself)")
+    p.add_argument("--num-parts", type=int, metavar="N", help="how many parts the cases are split into")
     p.set_defaults(run=run)
 
 
@@ -40,6 +54,13 @@ def _margin(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text}: a probability margin between 0 and 1")
+    return value
+
+
+def _step(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a step between 0 (exclusive) and 1 patch")
     return value
 
 
@@ -51,18 +72,20 @@ def _positive(text: str) -> int:
 
 
 def shortcuts_of(args):
-    """The sliding window's shortcuts from ``--exact``, ``--mirror-margin``, ``--no-constant-windows``."""
+    """The sliding window's shortcuts from ``--exact``, ``--mirror-margin``, ``--mirror-step`` and
+    ``--no-constant-windows``."""
     from ..inference.sliding_window import DEFAULT_SHORTCUTS, EXACT, Shortcuts
 
     if args.exact:
-        if args.mirror_margin is not None or args.no_constant_windows:
-            raise ValueError("--exact computes everything; it cannot be combined with --mirror-margin or "
-                             "--no-constant-windows")
+        if args.mirror_margin is not None or args.no_constant_windows or args.mirror_step is not None:
+            raise ValueError("--exact computes everything; it cannot be combined with --mirror-margin, "
+                             "--mirror-step or --no-constant-windows")
         return EXACT
     margin = DEFAULT_SHORTCUTS.mirror_margin if args.mirror_margin is None else args.mirror_margin
     return Shortcuts(constant_windows=not args.no_constant_windows,
                      mirror_margin=None if margin is None or margin >= 1 else margin,
-                     mirror_step=DEFAULT_SHORTCUTS.mirror_step, mirror_weight=DEFAULT_SHORTCUTS.mirror_weight)
+                     mirror_step=args.mirror_step,
+                     mirror_weight=DEFAULT_SHORTCUTS.mirror_weight if args.mirror_step is None else 0.05)
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -137,12 +160,12 @@ def refuse_overwriting_inputs(inp: Path, out: Path, targets=()) -> None:
                     raise ValueError(f"{o}: this output would replace the input {f}; give another output folder")
 
 
-def outputs_of(target: Path, save_probabilities: bool, preview: bool) -> list[Path]:
-    """Every file a case's prediction writes: the label map, and the .npz / .png when asked for."""
+def outputs_of(target: Path, save_probabilities: bool, preview: bool, dicom_seg: bool = False) -> list[Path]:
+    """Every file a case's prediction writes: the label map, and the .npz / .png / .dcm when asked for."""
     from ..io import split_ending
 
     stem = split_ending(target.name)[0]
-    extra = [f"{stem}.npz"] * save_probabilities + [f"{stem}.png"] * preview
+    extra = [f"{stem}.npz"] * save_probabilities + [f"{stem}.png"] * preview + [f"{stem}.dcm"] * dicom_seg
     return [target, *(target.with_name(e) for e in extra)]
 
 
@@ -159,15 +182,28 @@ def run(args) -> int:
 
     import numpy as np
 
+    from ..inference import shard as sharding
+    from ..inference.model import load_model
+    from ..inference.postprocess import describe
     from ..inference.predictor import Predictor
     from ..io import FILE_ENDINGS, read_case, split_ending, write_image
     from ..io.jsonio import atomic_write
 
     shortcuts = shortcuts_of(args)
+    part = sharding.shard_of(getattr(args, "part_id", None), getattr(args, "num_parts", None))
+    tty = sys.stderr.isatty() and not (part.torchrun and part.parts > 1)  # one progress bar per terminal
     inp, out = Path(args.input), Path(args.output)
     refuse_overwriting_inputs(inp, out)  # before the checkpoint is loaded
-    predictor = Predictor.from_checkpoint(args.model, device=args.device, step=args.step, tta=not args.no_tta,
-                                          batch=args.batch, progress=sys.stderr.isatty(), shortcuts=shortcuts)
+    if args.dicom_seg:  # a NIfTI input or a missing highdicom fails before any work
+        from ..io.dicom_seg import check_dicom_input
+
+        check_dicom_input(inp)
+    model = load_model(args.model, postprocessing=args.postprocessing)
+    predictor = Predictor.from_model(model, device=sharding.configure(args.device, part), step=args.step,
+                                     tta=not args.no_tta, batch=args.batch, progress=tty, shortcuts=shortcuts)
+    if len(model.members) > 1 or model.postprocessing:
+        print(f"model: {len(model.members)} network(s)"
+              + (f", postprocessing {describe(model.postprocessing)}" if model.postprocessing else ""), flush=True)
     cases = find_cases(inp, predictor.num_channels)
     single_file_out = split_ending(out.name)[1] in FILE_ENDINGS
     if single_file_out and len(cases) > 1:
@@ -179,14 +215,15 @@ def run(args) -> int:
             raise ValueError(f"{target}: two inputs would write it ({seen[target][0]} and {files[0]}); "
                              "rename one of them")
         seen[target] = files
-    outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview) for t in targets}
+    outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview, args.dicom_seg) for t in targets}
     refuse_overwriting_inputs(inp, out, [(c, files, outputs[t]) for c, files, t in targets])
     check_writable(out.parent if single_file_out else out)  # before any case is computed
+    targets = part.select(targets, key=lambda t: t[0])  # this process's share of all cases, whatever is done
     # a case is done only when every output asked for exists (a rerun with --preview adds the .png)
     todo = [t for t in targets if args.overwrite or not all(o.exists() for o in outputs[t[2]])]
     names = {v: k for k, v in predictor.labels.items()}
     bar = None
-    if sys.stderr.isatty() and len(todo) > 1:
+    if tty and len(todo) > 1:
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="predict", unit="case")
@@ -195,6 +232,11 @@ def run(args) -> int:
         result = predictor.predict(files, return_probabilities=args.save_probabilities)
         write_image(result.label, result.geometry, target)
         stem = split_ending(target.name)[0]
+        if args.dicom_seg:
+            from ..io.dicom_seg import write_dicom_seg
+
+            write_dicom_seg(result.label, files[0], target.with_name(f"{stem}.dcm"), predictor.labels,
+                            result.geometry)
         if args.save_probabilities:
             def save(f, probs=result.probabilities):
                 np.savez_compressed(f, probabilities=probs.astype(np.float16),
@@ -213,6 +255,6 @@ def run(args) -> int:
     if bar:
         bar.close()
     skipped = len(targets) - len(todo)
-    print(f"predicted {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s"
+    print(f"{part.prefix}predicted {len(todo)} case(s) in {time.perf_counter() - t0:.1f} s"
           + (f", skipped {skipped} with existing output (--overwrite to redo)" if skipped else ""))
     return 0

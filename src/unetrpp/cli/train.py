@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="the whole job's budget: training, validation and the final validation end within it")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder exactly")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="fine-tune: start from a checkpoint, run folder or model package (its first network), "
+                        "with its architecture; matching weights are loaded, positional embeddings resized to the "
+                        "patch, heads for other classes re-initialised (said in the log and train_config.json)")
     p.add_argument("--no-val", action="store_true", help="skip the final whole-case validation")
     p.add_argument("--no-val-tta", action="store_true", help="final validation without mirroring")
     p.add_argument("--checkpointing", action="store_true",
@@ -67,7 +71,7 @@ def run(args) -> int:
         optimizer=args.optimizer,
         amp=amp, device=device, seed=args.seed, workers=args.workers, time_budget_min=args.time_budget,
         final_validation=not args.no_val, final_validation_tta=not args.no_val_tta,
-        activation_checkpointing=args.checkpointing,
+        activation_checkpointing=args.checkpointing, pretrained=str(args.pretrained) if args.pretrained else None,
     )
     try:
         Trainer(args.dataset, cfg, out_dir=args.out).run(resume=args.resume)

@@ -65,6 +65,9 @@ class Plans:
                                                       "anisotropy_threshold": 3.0, "low_resolution_axis_order": 0})
     eval_classes: list[int] | None = None  # the labels the online pseudo-Dice averages (None: all foreground)
     decisions: list[str] = field(default_factory=list)  # why: one line per planning decision
+    # nnU-Net v1 plans (import-official): the network sees the arrays' axes in this order; target_spacing and
+    # patch_size are then in that order too. None: as stored (z, y, x).
+    transpose_forward: list[int] | None = None
     version: int = PLANS_VERSION
     axes: str = "zyx"
 
@@ -85,7 +88,8 @@ class Plans:
     def id(self) -> str:
         """A short hash of everything that changes preprocessed data."""
         d = self.to_dict()
-        blob = json.dumps({k: d.get(k) for k in _PREPROCESSING_KEYS}, sort_keys=True).encode()
+        keys = _PREPROCESSING_KEYS + (("transpose_forward",) if self.transpose_forward else ())
+        blob = json.dumps({k: d.get(k) for k in keys}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def network_config(self, **overrides):
@@ -153,6 +157,11 @@ class Plans:
         kw.setdefault("dataset", "")
         kw.update(target_spacing=_floats(d["target_spacing"], "target_spacing", source), patch_size=patch,
                   network=network, version=PLANS_VERSION)
+        order = d.get("transpose_forward")
+        if order is not None and not (isinstance(order, list) and all(
+                isinstance(a, int) and not isinstance(a, bool) for a in order) and sorted(order) == [0, 1, 2]):
+            raise ValueError(f"{source}: transpose_forward must be a permutation of [0, 1, 2] or null, got {order!r}")
+        kw["transpose_forward"] = None if order == [0, 1, 2] else order
         batch = d.get("batch_size", 2)
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"{source}: batch_size must be a positive integer, got {batch!r}")

@@ -90,12 +90,18 @@ def preprocess_array(
     data = data.astype(np.float32, copy=True)
     if not np.isfinite(data).all():
         raise ValueError("image has NaN/inf voxels")
+    order = plans.transpose_forward
+    if order:  # nnU-Net v1 plans: the network sees the axes in this order (``untranspose`` undoes it)
+        data = np.ascontiguousarray(data.transpose(0, *(a + 1 for a in order)))
+        label = None if label is None else label.transpose(order)
     shape = data.shape[1:]
     bbox = nonzero_bbox(data)
     crop = tuple(slice(a, b) for a, b in bbox)
     data = np.ascontiguousarray(data[(slice(None), *crop)])
     normalize(data, plans)
     spacing = geometry.spacing_zyx
+    if order:
+        spacing = tuple(spacing[a] for a in order)
     target = tuple(float(t) for t in plans.target_spacing)
     new_shape = new_shape_for(data.shape[1:], spacing, target)
     axis = _separate_axis(spacing, target)
@@ -115,6 +121,8 @@ def preprocess_array(
         "target_spacing": list(target),
         "shape_after_resampling": list(new_shape),
     }
+    if order:
+        props["transpose_forward"] = list(order)
     return data, seg, props
 
 
@@ -264,7 +272,7 @@ def restore_label(seg: np.ndarray, props: dict) -> np.ndarray:
         raise ValueError(f"label shape {seg.shape} is not the preprocessed shape {props['shape_after_resampling']}")
     out = np.zeros(props["shape"], dtype=seg.dtype)
     out[region] = resample_label(np.asarray(seg), crop_shape, axis)
-    return out
+    return untranspose(out, props)
 
 
 def restore_probabilities(probs: np.ndarray, props: dict) -> np.ndarray:
@@ -277,7 +285,16 @@ def restore_probabilities(probs: np.ndarray, props: dict) -> np.ndarray:
     out = np.zeros((probs.shape[0], *props["shape"]), dtype=np.float32)
     out[0] = 1.0
     out[(slice(None), *region)] = resample_probabilities(np.asarray(probs, np.float32), crop_shape, axis)
-    return out
+    return untranspose(out, props, channels=True)
+
+
+def untranspose(arr: np.ndarray, props: dict, channels: bool = False) -> np.ndarray:
+    """An array on the original grid in the preprocessing's axis order (``transpose_forward``) -> (z, y, x)."""
+    order = props.get("transpose_forward")
+    if not order:
+        return arr
+    back = [int(a) for a in np.argsort(order)]
+    return np.ascontiguousarray(arr.transpose(0, *(b + 1 for b in back)) if channels else arr.transpose(back))
 
 
 def original_geometry(props: dict) -> Geometry:

@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoint import build_model, load_checkpoint
 from ..data.plans import Plans
-from ..data.preprocess import _undo_args, preprocess_array
+from ..data.preprocess import _undo_args, preprocess_array, untranspose
 from ..data.resample import resample_volume
 from ..io import Geometry, read_case
 from .sliding_window import DEFAULT_SHORTCUTS, MIRROR_AXES, Shortcuts, sliding_window_probabilities
@@ -68,7 +68,7 @@ def restore_label_from_probabilities(probs: torch.Tensor | np.ndarray, props: di
         arg[better] = c
     out = np.zeros(props["shape"], dtype=dtype)
     out[region] = arg
-    return out
+    return untranspose(out, props)
 
 
 class Predictor:
@@ -93,8 +93,10 @@ class Predictor:
         amp: str | None = "auto",
         progress: bool = False,
         shortcuts: Shortcuts = DEFAULT_SHORTCUTS,
+        postprocessing: dict | None = None,
     ):
-        """``shortcuts``: work the sliding window may skip (``sliding_window.EXACT``: none, the official protocol)."""
+        """``shortcuts``: work the sliding window may skip (``sliding_window.EXACT``: none, the official protocol).
+        ``postprocessing``: what ``find-best`` chose (:mod:`unetrpp.inference.postprocess`), applied to the labels."""
         self.device = resolve_device(device)
         self.amp = resolve_amp(amp, self.device)
         self.model = model.to(self.device).eval()
@@ -109,6 +111,9 @@ class Predictor:
         self.patch_size = tuple(int(p) for p in model.config.img_size)
         self.num_classes = int(model.config.out_channels)
         self.num_channels = int(model.config.in_channels)
+        #: ``(network, plans)`` of every member; their softmax outputs are averaged
+        self.members: list[tuple[torch.nn.Module, Plans]] = [(self.model, self.plans)]
+        self.postprocessing = postprocessing
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
@@ -117,39 +122,72 @@ class Predictor:
         model = build_model(ckpt, source=str(path))
         return cls(model, ckpt["plans"], ckpt.get("labels"), device=device, **kwargs)
 
-    # ------------------------------------------------------------------ core
-    def _network(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, (list, tuple)) else out
+    @classmethod
+    def from_model(cls, model, device: str | torch.device | None = "auto", **kwargs) -> Predictor:
+        """A predictor for a :class:`~unetrpp.inference.model.Model` (one network or an ensemble, with its
+        postprocessing), or for whatever :func:`~unetrpp.inference.model.load_model` reads from a path."""
+        from .model import Model, load_model
 
-    def probabilities_preprocessed(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Softmax ``(k, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (float32, on the accumulation device)."""
+        if not isinstance(model, Model):
+            model = load_model(model)
+        first = model.members[0]
+        kwargs.setdefault("postprocessing", model.postprocessing)
+        pred = cls(first.network, first.plans, model.labels, device=device, **kwargs)
+        pred.members = [(m.network.to(pred.device).eval(), m.plans) for m in model.members]
+        return pred
+
+    # ------------------------------------------------------------------ core
+    def probabilities_preprocessed(self, data: np.ndarray | torch.Tensor, networks=None) -> torch.Tensor:
+        """Softmax ``(k, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (float32, on the accumulation device),
+        averaged over ``networks`` (default: this predictor's first network)."""
         if data.shape[0] != self.num_channels:
             raise ValueError(f"the network takes {self.num_channels} channel(s), the image has {data.shape[0]}")
-        ds = getattr(self.model, "deep_supervision", False)
+        x = torch.from_numpy(np.array(data, dtype=np.float32))
+        total = None
+        networks = [self.model] if networks is None else list(networks)
+        for net in networks:
+            probs = self._slide(net, x)
+            total = probs if total is None else total.add_(probs)
+        return total if len(networks) == 1 else total.div_(len(networks))
+
+    def _slide(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        def forward(t: torch.Tensor) -> torch.Tensor:
+            out = net(t)
+            return out[0] if isinstance(out, (list, tuple)) else out
+
+        ds = getattr(net, "deep_supervision", False)
         if ds:
-            self.model.deep_supervision = False
+            net.deep_supervision = False
         try:
             return sliding_window_probabilities(
-                self._network, torch.from_numpy(np.array(data, dtype=np.float32)), self.patch_size,
-                self.num_classes, step=self.step, mirror_axes=MIRROR_AXES if self.tta else (),
-                batch=self.batch, device=self.device, amp=self.amp, progress=self.progress,
-                shortcuts=self.shortcuts, stats=self.stats,
+                forward, x, tuple(int(p) for p in net.config.img_size), self.num_classes, step=self.step,
+                mirror_axes=MIRROR_AXES if self.tta else (), batch=self.batch, device=self.device, amp=self.amp,
+                progress=self.progress, shortcuts=self.shortcuts, stats=self.stats,
             )
         finally:
             if ds:
-                self.model.deep_supervision = True
+                net.deep_supervision = True
 
     def predict_preprocessed(self, data: np.ndarray, props: dict, return_probabilities: bool = False) -> Prediction:
         """Predict a case already preprocessed (``props`` as written by preprocessing) onto its original grid."""
         probs = self.probabilities_preprocessed(data)
+        return self._finish(probs, props, return_probabilities)
+
+    def _finish(self, probs: torch.Tensor, props: dict, return_probabilities: bool) -> Prediction:
         label = restore_label_from_probabilities(probs, props)
         full = None
         if return_probabilities:
             from ..data.preprocess import restore_probabilities
 
             full = restore_probabilities(probs.cpu().numpy(), props)
-        return Prediction(label, Geometry.from_json(props["geometry"]), full)
+        return Prediction(self._postprocess(label), Geometry.from_json(props["geometry"]), full)
+
+    def _postprocess(self, label: np.ndarray) -> np.ndarray:
+        if not self.postprocessing:
+            return label
+        from .postprocess import apply_postprocessing
+
+        return apply_postprocessing(label, self.postprocessing)
 
     def predict(
         self,
@@ -176,5 +214,22 @@ class Predictor:
             data, geometry = read_case([Path(p) for p in paths])
         if data.shape[0] != self.num_channels:
             raise ValueError(f"the network takes {self.num_channels} channel(s), the input has {data.shape[0]}")
-        pre, _, props = preprocess_array(data, geometry, self.plans)
-        return self.predict_preprocessed(pre, props, return_probabilities)
+        groups: dict[str, list] = {}
+        for net, plans in self.members:  # members that preprocess alike share one preprocessed volume
+            groups.setdefault(plans.id, [plans]).append(net)
+        if len(groups) == 1:
+            plans, *nets = next(iter(groups.values()))
+            pre, _, props = preprocess_array(data, geometry, plans)
+            return self._finish(self.probabilities_preprocessed(pre, nets), props, return_probabilities)
+        # members trained at different spacings: average on the input's grid
+        from ..data.preprocess import restore_probabilities
+
+        total = props = None
+        for plans, *nets in groups.values():
+            pre, _, props = preprocess_array(data, geometry, plans)
+            full = restore_probabilities(self.probabilities_preprocessed(pre, nets).cpu().numpy(), props)
+            full *= len(nets) / len(self.members)
+            total = full if total is None else np.add(total, full, out=total)
+        label = total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.int16)
+        return Prediction(self._postprocess(label), Geometry.from_json(props["geometry"]),
+                          total if return_probabilities else None)

@@ -36,18 +36,25 @@ class CheckpointError(ValueError):
 
 
 def _safe_numpy_globals() -> list:
+    """numpy arrays, dtypes and scalars as torch's restricted unpickler meets them, under numpy 1 and 2 names.
+
+    Official checkpoints were written under numpy 1, whose scalars pickle as
+    ``numpy.core.multiarray.scalar``; numpy 2 calls the module ``numpy._core``: both names are
+    admitted, nothing else beyond torch's own tensors and containers.
+    """
+    import numpy as np
+
     try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return []
-    found = [np.dtype]
-    try:
-        from numpy._core.multiarray import scalar
+        from numpy._core import multiarray
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    found.append(scalar)
-    found.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return found
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    out: list = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
+    for prefix in ("numpy.core", "numpy._core"):
+        out += [(multiarray._reconstruct, f"{prefix}.multiarray._reconstruct"),
+                (multiarray.scalar, f"{prefix}.multiarray.scalar")]
+    out += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
+                                        "uint8", "bool")]
+    return out
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -125,9 +125,10 @@ def shrink_patch(plans: Plans, patch: list[int], factor: float) -> list[int]:
                            stem_stride=plans.network["stem_stride"])
 
 
-def ladder(plans: Plans, patch: list[int], width: int) -> list[tuple[int, list[int]]]:
-    """Cheapest first: width 8 at 1/8, 1/4, 1/2 and all of the patch, then the plans' width."""
-    small = min(8, width)
+def ladder(plans: Plans, patch: list[int], width: int, fixed_width: bool = False) -> list[tuple[int, list[int]]]:
+    """Cheapest first: width 8 at 1/8, 1/4, 1/2 and all of the patch, then the plans' width
+    (``fixed_width``: ``width`` alone, at each of those patches; a fine-tuning run keeps its network)."""
+    small = width if fixed_width else min(8, width)
     rungs: list[tuple[int, list[int]]] = []
     for factor in (8, 4, 2, 1):
         p = shrink_patch(plans, patch, factor) if factor > 1 else list(patch)
@@ -140,13 +141,16 @@ def ladder(plans: Plans, patch: list[int], width: int) -> list[tuple[int, list[i
 
 def plan_run(plans: Plans, budget_s: float, device: torch.device, batch: int, amp: str,
              model_config: dict, patch: list[int] | None = None, width: int | None = None,
-             fixed_network: bool = False, log=print) -> RunPlan:
-    """Choose the network and recipe for a run of ``budget_s`` seconds (module docstring)."""
+             fixed_network: bool = False, fixed_width: bool = False, log=print) -> RunPlan:
+    """Choose the network and recipe for a run of ``budget_s`` seconds (module docstring).
+
+    ``fixed_network``: measure only ``width`` at ``patch``; ``fixed_width``: only ``width``, the
+    patch still chosen (a fine-tuning run, whose architecture is the pretrained network's)."""
     patch = list(patch or plans.patch_size)
     width = int(width or model_config["feature_size"])
     train_s = budget_s * (1 - FINAL_VALIDATION_FRACTION - MARGIN_FRACTION)
     t_max = train_s / TARGET_STEPS
-    rungs = [(width, patch)] if fixed_network else ladder(plans, patch, width)
+    rungs = [(width, patch)] if fixed_network else ladder(plans, patch, width, fixed_width)
     chosen: Probe | None = None
     first: Probe | None = None
     notes = []

@@ -54,6 +54,8 @@ class TrainConfig:
     checkpoint_every_min: float = 10.0  # checkpoint_latest.pt at least this often, inside epochs too
     recipe_notes: list[str] = field(default_factory=list)  # what the budget measured and chose
     spacing_scale: list[float] | None = None  # short runs: train at the plans' spacing times this (budget rule 2)
+    pretrained: str | None = None  # fine-tune: a checkpoint, run folder or model package (its first member)
+    pretrained_report: dict | None = None  # what was loaded, resized and re-initialised from it
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:

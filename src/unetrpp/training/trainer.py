@@ -153,6 +153,7 @@ class Trainer:
         self._logged_a_step = False
         self._final_val: tuple[list[str], bool] = (list(self.val_names), config.final_validation_tta)
         self._deadline = self._train_deadline = None
+        self._pretrained: torch.nn.Module | None = None  # fine-tuning: the source network, until transferred
 
     def _set_network(self, patch: list[int], overrides: dict) -> None:
         """The network to train: the plans' at ``patch`` with constructor ``overrides`` (e.g. a width)."""
@@ -168,6 +169,34 @@ class Trainer:
             raise ValueError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
                              "deepest stage, where batch norm needs two; use a larger patch or batch")
         self.augment = self.cfg.augment_config(dummy_2d_for(self.patch))
+
+    def _adopt_pretrained(self) -> None:
+        """Fine-tuning: the network takes the pretrained one's architecture (width, blocks, heads, stem
+        stride) with the run's classes and patch, recorded in ``model_overrides`` (a resume rebuilds it
+        from there, without the pretrained file); its weights are transferred in ``_run``."""
+        from .pretrained import architecture, load_pretrained
+
+        path = self.cfg.pretrained
+        member, count = load_pretrained(path)
+        if count > 1:
+            self.log(f"{path} holds {count} networks: fine-tuning from the first ({member.name})")
+        net = member.network
+        arch = architecture(net.config)
+        if arch["in_channels"] != self.plans.num_channels:
+            raise ValueError(f"{path} takes {arch['in_channels']} channel(s), dataset {self.root} has "
+                             f"{self.plans.num_channels}")
+        overrides = {**self.cfg.model_overrides, **arch}
+        try:
+            self._set_network(self.patch, overrides)
+        except ValueError as e:
+            raise ValueError(f"{path}: its network does not fit this run: {str(e).splitlines()[0]} (choose a "
+                             "--patch-size for it)") from None
+        # the budget's patch ladder then shrinks patches in this network's multiples
+        self.plans = dataclasses.replace(self.plans, network={**self.plans.network, **arch})
+        self.cfg = dataclasses.replace(self.cfg, model_overrides=overrides)
+        self._pretrained = net
+        self.log(f"fine-tuning from {path}: its network (width {arch['feature_size']}, depths {arch['depths']}, "
+                 f"stem stride {arch['stem_stride']}) with {self.num_classes} classes at patch {self.patch}")
 
     # ------------------------------------------------------------------ setup
     def _check_preprocessed(self) -> None:
@@ -295,11 +324,13 @@ class Trainer:
 
     def _plan_budget(self, ckpt: dict | None) -> None:
         """Resolve the recipe (short run or paper's) and the final validation for the budget."""
+        if ckpt is None and self.cfg.pretrained:
+            self._adopt_pretrained()
         cfg = self.cfg
         if ckpt is not None:  # a resumed run keeps what it chose at its start
             saved = TrainConfig.from_json(ckpt["train_config"])
             keep = ("recipe", "optimizer", "lr", "patch_size", "model_overrides", "iters_per_epoch", "val_iters",
-                    "recipe_notes", "spacing_scale")
+                    "recipe_notes", "spacing_scale", "pretrained", "pretrained_report")
             self.cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in keep})
             if self.cfg.spacing_scale:
                 self._train_coarser(self.cfg.spacing_scale)
@@ -309,13 +340,17 @@ class Trainer:
         if ckpt is None and budget_s and cfg.recipe != "paper" and not self.is_main:
             pass  # rank 0 measures and decides; the decision arrives below
         elif ckpt is None and budget_s and cfg.recipe != "paper":
-            fixed = bool(cfg.patch_size) or "feature_size" in cfg.model_overrides
+            # fine-tuning keeps the pretrained width (in model_overrides) but may still choose the patch
+            tuning = bool(cfg.pretrained)
+            fixed = bool(cfg.patch_size) or ("feature_size" in cfg.model_overrides and not tuning)
+            why = ": the network is fixed" if fixed else ": the width is the pretrained network's" if tuning else ""
             self.log(f"planning the run for a {cfg.time_budget_min:g}-min budget on {self.device} "
-                     f"({torch.get_num_threads()} threads){': the network is fixed' if fixed else ''}")
+                     f"({torch.get_num_threads()} threads){why}")
             probe = budget_rules.plan_run(
                 self.plans, budget_s, self.device, self.batch, cfg.amp,
                 {**self.model_config, **cfg.model_overrides}, patch=self.patch,
-                width=self.model_config["feature_size"], fixed_network=fixed, log=self.log)
+                width=self.model_config["feature_size"], fixed_network=fixed,
+                **({"fixed_width": True} if tuning and not fixed else {}), log=self.log)
             short = probe.short or cfg.recipe == "short"
             changes: dict = {"recipe": "short" if short else "paper", "recipe_notes": probe.notes}
             if short:
@@ -396,6 +431,13 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = self.build_model().to(self.device)
+        if ckpt is None and self._pretrained is not None:
+            from .pretrained import describe, transfer_weights
+
+            src, self._pretrained = self._pretrained, None
+            report = transfer_weights(model, src.state_dict(), cfg.pretrained, getattr(src, "config", None))
+            self.cfg = cfg = dataclasses.replace(cfg, pretrained_report=report)
+            self.log(describe(report))
         if cfg.activation_checkpointing:
             if not hasattr(model, "activation_checkpointing"):
                 raise ValueError(f"activation_checkpointing: {type(model).__name__} has no such switch")
@@ -422,6 +464,8 @@ class Trainer:
             start_epoch = int(ckpt["epoch"])
             where = f" iteration {state['iteration']}" if state["iteration"] else ""
             self.log(f"resumed from {latest} at epoch {start_epoch}{where}")
+            if cfg.pretrained:
+                self.log(f"(fine-tuned from {cfg.pretrained}: its weights are not reloaded)")
         elif resume:
             self.log(f"--resume: no checkpoint in {self.out}; starting from scratch")
         if self.is_main:
