@@ -339,3 +339,35 @@ def test_missing_damaged_and_misshapen_plans_pickles(tmp_path, capsys):
     ckpt.write_bytes(b"not a checkpoint at all")
     _one_line_error(capsys, ["import-official", ckpt, str(pkl), "-o", tmp_path / "out"], str(ckpt))
     assert not (tmp_path / "out").exists()
+
+
+def test_pickles_that_would_allocate_or_shadow_methods_are_refused_and_outputs_are_not_overwritten(tmp_path, capsys):
+    model = _tiny(out_channels=3, feature_size=8)
+    ckpt = write_official(tmp_path, model, v1_info((2.0, 1.5, 1.5), classes=2))
+    pkl = tmp_path / "model_final_checkpoint.model.pkl"
+    good = pkl.read_bytes()
+    huge = (2_000_000_000).to_bytes(8, "little")
+    bombs = {  # 40-byte pickles asking for gigabytes before any data: refused before the allocation
+        "ndarray": b"\x80\x02cnumpy\nndarray\n\x8a\x08" + huge + b"\x85X\x01\x00\x00\x00b\x86R.",
+        "object dtype": b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R.",
+        "bytearray": b"\x80\x02cbuiltins\nbytearray\n\x8a\x08" + huge + b"\x85R.",
+    }
+    for what, blob in bombs.items():
+        pkl.write_bytes(blob)
+        _one_line_error(capsys, ["import-official", ckpt, "-o", tmp_path / "out.zip"], str(pkl))
+        assert not (tmp_path / "out.zip").exists(), what
+    # an OrderedDict whose state gives it an attribute named like a dict method: read as a plain dict
+    od = b"\x80\x02ccollections\nOrderedDict\n)R}X\x03\x00\x00\x00getccollections\nOrderedDict\nsb."
+    pkl.write_bytes(od)
+    _one_line_error(capsys, ["import-official", ckpt, "-o", tmp_path / "out.zip"], str(pkl), "not a readable pickle")
+    # the output: never an input, never replaced without --overwrite, never something that is not a package
+    pkl.write_bytes(good)
+    _one_line_error(capsys, ["import-official", ckpt, "-o", pkl], "one of the inputs")
+    assert pkl.read_bytes() == good
+    (tmp_path / "other.zip").write_bytes(b"not mine")
+    _one_line_error(capsys, ["import-official", ckpt, "-o", tmp_path / "other.zip"], "exists; --overwrite")
+    _one_line_error(capsys, ["import-official", ckpt, "-o", tmp_path / "other.zip", "--overwrite"],
+                    "not a model package")
+    assert (tmp_path / "other.zip").read_bytes() == b"not mine"
+    assert main(["import-official", str(ckpt), "-o", str(tmp_path / "pkg.zip")]) == 0
+    assert main(["import-official", str(ckpt), "-o", str(tmp_path / "pkg.zip"), "--overwrite"]) == 0

@@ -243,3 +243,65 @@ def test_a_package_folder_round_trips_and_damage_is_refused(tmp_path, capsys):
         zf.writestr("readme.txt", "hi")
     with pytest.raises(ValueError, match=r"lacks model\.json"):
         read_package(tmp_path / "empty.zip")
+
+
+def test_hostile_packages_and_postprocessing_files_are_one_line_errors(tmp_path, capsys):
+    from test_hostile import _one_line_error
+
+    a = _checkpoint(tmp_path / "a.pt", 0)
+    assert main(["export-model", str(a), str(tmp_path / "pkg")]) == 0
+    manifest = json.loads((tmp_path / "pkg" / "model.json").read_text())
+    member = manifest["members"][0]
+    weights = (tmp_path / "pkg" / member["weights"]).read_bytes()
+
+    def package(name, manifest=manifest, files=None):
+        with zipfile.ZipFile(tmp_path / name, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("model.json", json.dumps(manifest))
+            for n, blob in (files or {member["weights"]: weights}).items():
+                zf.writestr(n, blob)
+        return tmp_path / name
+
+    # a member that inflates far beyond what its network's weights can be: refused before it is read
+    bomb = package("bomb.zip", files={member["weights"]: bytes(64 << 20)})
+    _one_line_error(capsys, ["show-model", bomb], "bomb.zip", "bytes")
+    # weights of the right shapes but integer type; labels giving two classes one value
+    import safetensors.torch as st
+
+    state = st.load(weights)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].to(torch.int32)
+    ints = package("ints.zip", {**manifest, "members": [{**member, "weights_sha256": None}]},
+                   {member["weights"]: st.save(state)})
+    _one_line_error(capsys, ["show-model", ints], key, "int32")
+    twice = package("twice.zip", {**manifest, "labels": {"background": 0, "a": 1, "b": 1}})
+    _one_line_error(capsys, ["show-model", twice], "each class one value")
+    # a postprocessing.json of the wrong shape beside the runs: one line naming it, for every command
+    runs, _ = _dataset_with_runs(tmp_path / "D")
+    pp = tmp_path / "D" / "results" / "postprocessing.json"
+    pp.write_text(json.dumps({"format": "unetrpp-postprocessing", "version": 1, "largest_component": [1],
+                              "runs": 5}))
+    _one_line_error(capsys, ["show-model", *runs], str(pp), "runs must be a list")
+    pp.write_text(json.dumps({"format": "unetrpp-postprocessing", "version": 1, "largest_component": [1],
+                              "runs": [r.name for r in runs],
+                              "cross_validation": {"cases": 3, "mean_dice_before": None, "dice_before": {"1": None}}}))
+    assert main(["show-model", *map(str, runs)]) == 0
+    assert "mean Dice n/a -> n/a" in capsys.readouterr().out
+    # export --overwrite never replaces a file that is not a package
+    (tmp_path / "notes.zip").write_bytes(b"mine")
+    _one_line_error(capsys, ["export-model", a, tmp_path / "notes.zip", "--overwrite"], "not a model package")
+    assert (tmp_path / "notes.zip").read_bytes() == b"mine"
+
+
+def test_find_best_refuses_predictions_that_are_not_label_maps_of_the_dataset(tmp_path, capsys):
+    from test_hostile import _one_line_error
+
+    runs, splits = _dataset_with_runs(tmp_path / "D")
+    bad = runs[0] / "validation" / f"{splits[0]['val'][0]}.nii.gz"
+    ref, g = read_image(bad)
+    write_image(ref.astype(np.float32) / 2, g, bad)
+    _one_line_error(capsys, ["find-best", *runs], str(bad), "integer labels")
+    labels = ref.astype(np.uint8)
+    labels[0, 0, 0] = 7
+    write_image(labels, g, bad)
+    _one_line_error(capsys, ["find-best", *runs], str(bad), "[7]")
+    assert not (tmp_path / "D" / "results" / "postprocessing.json").exists()

@@ -37,6 +37,27 @@ def tensors_digest(state: dict) -> str:
     return h.hexdigest()
 
 
+def check_archive(path: Path) -> None:
+    """Refuse, before reading, a zip file (torch checkpoints are zips) that would unpack to more than
+    the memory left or whose compressed members expand suspiciously (torch stores members
+    uncompressed; a few kilobytes growing to gigabytes is a zip bomb)."""
+    from .runtime import available_memory
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip file (legacy torch format, or damaged): the reader says what it is
+    total = sum(i.file_size for i in infos)
+    left = available_memory()
+    if left and total > left:
+        raise ValueError(f"{path}: unpacks to {total / 1e9:.1f} GB, more than the {left / 1e9:.1f} GB of memory left")
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED and i.file_size > 50 * i.compress_size + (1 << 20):
+            raise ValueError(f"{path}: member {i.filename!r} expands from {i.compress_size} to {i.file_size} bytes "
+                             "(a zip bomb?); refused")
+
+
 def save_checkpoint(payload: dict, path: str | os.PathLike) -> Path:
     """Write ``payload`` to ``path`` via a temporary file and a rename: an interrupted write leaves the old file.
 
@@ -55,6 +76,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise IsADirectoryError(f"{path}: is a folder; give the checkpoint file (e.g. checkpoint_final.pt)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    check_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile) as e:

@@ -19,20 +19,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
 
-    from ..inference.model import load_model, write_package
+    from ..inference.model import check_package_target, load_model, write_package
 
     if len(args.models) < 2:
         raise ValueError("give the run folder(s) and then the package to write, e.g. "
                          "`unetrpp export-model D/results/unetrpp_fold0 model.zip`")
     *sources, target = args.models
-    target = Path(target)
-    if target.exists() and not args.overwrite:
-        raise ValueError(f"{target}: exists; --overwrite to replace it")
-    for s in sources:
-        if Path(s).resolve() == target.resolve():
-            raise ValueError(f"{target}: the package to write is one of the models read")
+    target = check_package_target(target, sources, args.overwrite)
     model = load_model(sources, postprocessing=args.postprocessing)
     members = [(m.name, m.network.config.to_dict(), m.plans.to_dict(), m.network.state_dict(),
                 {**m.training, "source": m.source}) for m in model.members]

@@ -23,12 +23,20 @@ def add_parser(sub) -> None:
                                              "the trainer's arguments, else the full-resolution stage)")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"),
                    help="the training patch size, if not the stage's patch_size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..inference.model import check_package_target
     from ..inference.official_import import import_official
 
+    pkl = args.pkl or f"{args.checkpoint}.pkl"
+    check_package_target(args.output, [args.checkpoint, pkl, args.labels], args.overwrite)
+    if Path(args.output).suffix == ".pkl" or Path(args.output).name.endswith(".model"):
+        raise ValueError(f"{args.output}: give the package a .zip name or a folder name")
     path, s = import_official(args.checkpoint, args.pkl, args.output, labels_json=args.labels, stage=args.stage,
                               patch_size=args.patch_size)
     plans, cfg = s["plans"], s["config"]

@@ -230,13 +230,13 @@ def run(args) -> int:
     t0 = time.perf_counter()
     for case, files, target in todo:
         result = predictor.predict(files, return_probabilities=args.save_probabilities)
-        write_image(result.label, result.geometry, target)
         stem = split_ending(target.name)[0]
-        if args.dicom_seg:
+        if args.dicom_seg:  # first: a series it cannot describe leaves no label map either
             from ..io.dicom_seg import write_dicom_seg
 
             write_dicom_seg(result.label, files[0], target.with_name(f"{stem}.dcm"), predictor.labels,
                             result.geometry)
+        write_image(result.label, result.geometry, target)
         if args.save_probabilities:
             def save(f, probs=result.probabilities):
                 np.savez_compressed(f, probabilities=probs.astype(np.float16),

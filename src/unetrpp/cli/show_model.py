@@ -67,17 +67,17 @@ def run(args) -> int:
     for n in info["networks"]:
         print(f"  {n['name']}: UNETR++ width {n['feature_size']}, patch {n['patch']}, {n['parameters'] / 1e6:.2f} M "
               f"parameters; spacing {n['spacing_mm']} mm; normalisation {', '.join(map(str, n['normalization']))}")
-        t = n["training"]
-        cfg = t.get("train_config", {})
+        t = n["training"] if isinstance(n["training"], dict) else {}
+        cfg = t.get("train_config") if isinstance(t.get("train_config"), dict) else {}
         bits = []
         if cfg:
             bits.append(f"{cfg.get('recipe')} recipe, {cfg.get('optimizer')} lr {cfg.get('lr')}, "
                         f"fold {cfg.get('fold')}, {cfg.get('device')}")
         if "epochs" in t:
             bits.append(f"{t['epochs']} epoch(s), {t.get('iterations')} iterations")
-        if isinstance(t.get("elapsed"), (int, float)):
+        if _number(t.get("elapsed")):
             bits.append(f"{t['elapsed'] / 60:.1f} min")
-        if isinstance(t.get("best_ema"), (int, float)):
+        if _number(t.get("best_ema")):
             bits.append(f"best pseudo-Dice (EMA) {t['best_ema']:.4f}")
         if t.get("imported_from"):
             bits.append(f"imported from {t['imported_from']}")
@@ -92,13 +92,20 @@ def run(args) -> int:
             print(f"  {line}")
     else:
         print("postprocessing: none")
-    cv = info["cross_validation"]
+    cv = info["cross_validation"]  # validated on reading: numbers or null
     if cv:
-        names = (post or {}).get("class_names", {})
-        print(f"cross-validation: {cv.get('cases')} case(s), mean Dice {cv.get('mean_dice_before'):.4f} -> "
-              f"{cv.get('mean_dice_after'):.4f} with postprocessing")
-        for c, before in cv.get("dice_before", {}).items():
-            after = cv.get("dice_after", {}).get(c)
-            print(f"  {names.get(c, c)}: {before if before is None else round(before, 4)} -> "
-                  f"{after if after is None else round(after, 4)}")
+        names = (post or {}).get("class_names") or {}
+        print(f"cross-validation: {cv.get('cases')} case(s), mean Dice {_dice(cv.get('mean_dice_before'))} -> "
+              f"{_dice(cv.get('mean_dice_after'))} with postprocessing")
+        after = cv.get("dice_after") or {}
+        for c, before in (cv.get("dice_before") or {}).items():
+            print(f"  {names.get(c, c)}: {_dice(before)} -> {_dice(after.get(c))}")
     return 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _dice(v) -> str:
+    return f"{v:.4f}" if _number(v) else "n/a"

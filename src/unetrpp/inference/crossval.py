@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ..data.layout import Dataset, load_splits
 from ..io import read_image, write_image
 from ..io.jsonio import read_json, write_json
@@ -61,6 +63,14 @@ def find_best(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None =
         raise ValueError(f"two runs validate fold {max(set(folds), key=folds.count)}; give one run per fold")
     ds = Dataset.open(root)
     classes = sorted(v for v in ds.labels.values() if v > 0)
+    if not classes:
+        raise ValueError(f"{root / 'dataset.json'}: no foreground label to score")
+    for run in runs:
+        plans = run / "plans.json"
+        if plans.is_file():
+            theirs = read_json(plans).get("labels")
+            if theirs != ds.labels:
+                raise ValueError(f"{plans}: the run predicts labels {theirs}, the dataset at {root} has {ds.labels}")
     names = {v: k for k, v in ds.labels.items()}
     ending = ds.file_ending
     pairs: list[tuple[str, Path, Path]] = []
@@ -78,9 +88,19 @@ def find_best(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None =
         pairs += [(n, ds.case(n).label, folder / f"{n}{ending}") for n in val]
         log(f"{run.name}: fold {fold}, {len(val)} validation case(s)")
 
+    allowed = np.array([0, *classes])
+
     def arrays():
         for n, ref, pred in pairs:
-            yield n, read_image(ref)[0], read_image(pred)[0]
+            r, p = read_image(ref)[0], read_image(pred)[0]
+            if p.dtype.kind not in "iub":
+                raise ValueError(f"{pred}: a prediction must hold integer labels, got {p.dtype}")
+            bad = np.setdiff1d(np.unique(p), allowed)
+            if bad.size:
+                raise ValueError(f"{pred}: labels {bad[:5].tolist()} are not the dataset's {allowed.tolist()}")
+            if r.shape != p.shape:
+                raise ValueError(f"{pred}: shape {p.shape} differs from the reference's {r.shape} ({ref})")
+            yield n, r, p
 
     post, cv = choose_postprocessing(arrays(), classes, log=log)
     out = Path(out) if out else Path(os.path.commonpath([r.resolve() for r in runs]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -122,6 +123,9 @@ def _read_limited(zf: zipfile.ZipFile, name: str, limit: int, source: str) -> by
         raise ValueError(f"{source}: the package lacks {name}") from None
     if info.file_size > limit:
         raise ValueError(f"{source}: {name} claims {info.file_size} bytes, more than the {limit} allowed")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 50 * info.compress_size + (1 << 20):
+        raise ValueError(f"{source}: {name} expands from {info.compress_size} to {info.file_size} bytes "
+                         "(a zip bomb?); refused")
     with zf.open(info) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -163,8 +167,8 @@ def read_package(path: str | os.PathLike) -> Model:
 
         try:
             manifest = json.loads(read(MANIFEST, MAX_MANIFEST_BYTES))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{source}: {MANIFEST} is not valid JSON ({e})") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
+            raise ValueError(f"{source}: {MANIFEST} is not valid JSON ({str(e).splitlines()[0][:160]})") from None
         except RecursionError:
             raise ValueError(f"{source}: {MANIFEST} nested too deeply to read") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -193,10 +197,22 @@ def read_package(path: str | os.PathLike) -> Model:
             for key in ("model_config", "plans"):
                 if not isinstance(entry.get(key), dict):
                     raise ValueError(f"{where}: {key} must be an object")
+            # the weights the config implies, known before a byte of them is read or a tensor made
+            expected = expected_state(entry["model_config"], where)
+            size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
+            if size > budget:
+                raise ValueError(f"{where}: its network needs {size / 1e9:.1f} GB, more than the "
+                                 f"{budget / 1e9:.1f} GB of memory left")
             try:
-                state = load_bytes(read(weights, budget))
+                state = load_bytes(read(weights, size + (1 << 20)))  # the data, and a header of its names
             except SafetensorError as e:
                 raise ValueError(f"{where}: {weights} is not a readable safetensors file ({e})") from None
+            for key, t in state.items():
+                want = expected.get(key)
+                if want is not None and (tuple(t.shape) != want[0] or t.dtype.is_floating_point !=
+                                         want[1].is_floating_point or t.dtype == torch.bool):
+                    raise ValueError(f"{where}: {weights}: {key!r} is {t.dtype} {tuple(t.shape)}, the network "
+                                     f"takes {want[1]} {want[0]}")
             digest = entry.get("weights_sha256")
             if digest is not None and digest != tensors_digest(state):
                 raise ValueError(f"{where}: {weights} does not match its checksum (damaged or edited)")
@@ -210,7 +226,11 @@ def read_package(path: str | os.PathLike) -> Model:
             from .postprocess import check_postprocessing
 
             check_postprocessing(post, f"{source}: postprocessing", labels)
-        evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), dict) else None
+        evaluation = manifest.get("evaluation")
+        if evaluation is not None:
+            from .postprocess import check_cross_validation
+
+            check_cross_validation(evaluation, f"{source}: evaluation")
         model = Model(members, labels, list(channels), source, post, evaluation)
         model.manifest = manifest
         _check_members(model)
@@ -224,10 +244,14 @@ def read_package(path: str | os.PathLike) -> Model:
 
 def is_package(path: Path) -> bool:
     """A folder with ``model.json``, or a zip file holding one (a torch checkpoint is a zip file too)."""
+    if path.suffix == ".zip" and path.is_file():
+        return True  # read_package says what is wrong with it
+    return _holds_manifest(path)
+
+
+def _holds_manifest(path: Path) -> bool:
     if path.is_dir():
         return (path / MANIFEST).is_file()
-    if path.suffix == ".zip":
-        return True  # read_package says what is wrong with it
     try:
         with zipfile.ZipFile(path) as zf:
             return MANIFEST in zf.namelist()
@@ -235,11 +259,32 @@ def is_package(path: Path) -> bool:
         return False
 
 
+def expected_state(config: dict, source: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the weights of a network of ``config``, worked out on the meta device
+    (no memory for the tensors); a bad config is a one-line ``ValueError``."""
+    import dataclasses
+
+    from ..network.unetrpp import UNETRPP, UNETRPPConfig
+
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(UNETRPPConfig)})
+    if unknown:
+        raise ValueError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))}")
+    try:
+        with torch.device("meta"):
+            net = UNETRPP(**config)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{source}: model_config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+
+
 def _labels(labels, source: str) -> dict[str, int]:
     if not (isinstance(labels, dict) and labels and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 32768
             for k, v in labels.items())):
         raise ValueError(f"{source}: labels must map names to integers 0..32767")
+    values = sorted(labels.values())
+    if len(set(values)) != len(values) or values[0] != 0:
+        raise ValueError(f"{source}: labels must give each class one value, background 0, got {values}")
     return dict(labels)
 
 
@@ -256,6 +301,9 @@ def _check_members(model: Model) -> None:
         if m.plans.channel_names != first.plans.channel_names:
             raise ValueError(f"{m.source}: channels {m.plans.channel_names} differ from {first.source}'s "
                              f"{first.plans.channel_names}")
+        if list(m.plans.channel_names) != list(model.channel_names):
+            raise ValueError(f"{m.source}: its plans name the channels {m.plans.channel_names}, the model "
+                             f"{model.channel_names}")
     if max(model.labels.values()) + 1 != model.num_classes:
         raise ValueError(f"{model.source}: {model.num_classes} output classes but labels up to "
                          f"{max(model.labels.values())}")
@@ -310,17 +358,17 @@ def load_model(sources: str | os.PathLike | Sequence[str | os.PathLike],
             raise ValueError(f"{s}: more than {MAX_MEMBERS} member networks in all")
     name = str(sources[0]) if len(sources) == 1 else f"{len(members)} members ({', '.join(map(str, sources))})"
     if runs and len(runs) == len(sources):
-        post, evaluation = _postprocessing_beside(runs)
+        post, evaluation = _postprocessing_beside(runs, labels)
     if postprocessing is not None:
-        post = None if str(postprocessing) == "none" else read_postprocessing(postprocessing)
-    if post is not None:
-        check_postprocessing(post, "postprocessing", labels)
+        post = None if str(postprocessing) == "none" else read_postprocessing(postprocessing, labels)
+    elif post is not None:
+        check_postprocessing(post, f"{sources[0]}: postprocessing", labels)
     model = Model(members, labels, channels, name, post, evaluation)
     _check_members(model)
     return model
 
 
-def _postprocessing_beside(runs: list[Path]) -> tuple[dict | None, dict | None]:
+def _postprocessing_beside(runs: list[Path], labels: dict[str, int]) -> tuple[dict | None, dict | None]:
     """The ``postprocessing.json`` find-best wrote in the runs' common folder, if chosen for exactly these runs."""
     from .postprocess import read_postprocessing
 
@@ -330,14 +378,29 @@ def _postprocessing_beside(runs: list[Path]) -> tuple[dict | None, dict | None]:
     f = parent / POSTPROCESSING
     if not f.is_file():
         return None, None
-    post = read_postprocessing(f)
-    chosen_for = sorted(str(Path(r)) for r in post.get("runs", []))
+    post = read_postprocessing(f, labels)
+    chosen_for = sorted(post.get("runs") or [])
     if chosen_for != sorted(r.resolve().name for r in runs) and chosen_for != sorted(str(r.resolve()) for r in runs):
         return None, None
     return post, post.get("cross_validation")
 
 
 # ---------------------------------------------------------------------- writing
+def check_package_target(target: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool) -> Path:
+    """Where a package may be written: not over an input, not over an existing file unless ``overwrite``,
+    and never over something that is not a model package (one-line ``ValueError``)."""
+    target = Path(target)
+    for s in inputs:
+        if s is not None and Path(s).exists() and Path(s).resolve() == target.resolve():
+            raise ValueError(f"{target}: the package to write is one of the inputs")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise ValueError(f"{target}: exists; --overwrite to replace it")
+        if not _holds_manifest(target) and not (target.is_dir() and not any(target.iterdir())):
+            raise ValueError(f"{target}: exists and is not a model package; give a new name")
+    return target
+
+
 def write_package(path: str | os.PathLike, members: Sequence[tuple[str, dict, dict, dict, dict]],
                   labels: dict[str, int], channel_names: Sequence[str], postprocessing: dict | None = None,
                   evaluation: dict | None = None, extra: dict | None = None) -> Path:

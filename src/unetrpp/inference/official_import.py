@@ -25,7 +25,6 @@ containers and numpy arrays/scalars and refuses every other global before anythi
 
 from __future__ import annotations
 
-import collections
 import io
 import os
 import pickle
@@ -60,25 +59,71 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+#: the most elements an array made by a pickle's call may have before its data arrives (numpy's own
+#: pickles make arrays of 0 elements and fill them from bytes the file holds)
+_MAX_EMPTY_ELEMENTS = 1 << 16
+
+
+def _plain_dtype(*args):
+    """``numpy.dtype(...)``, refusing object dtypes (whose elements could be any object)."""
+    dt = np.dtype(*args)
+    if dt.hasobject:
+        raise pickle.UnpicklingError("numpy object arrays are not plain data")
+    return dt
+
+
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: a direct call makes only small empty arrays."""
+
+    def __call__(self, shape, dtype=float, *args, **kwargs):
+        return _reconstruct_array(np.ndarray, shape, dtype)
+
+
+_NDARRAY = _NdarrayType()
+
+
+def _reconstruct_array(subtype, shape, dtype):
+    """``multiarray._reconstruct`` for plain ``ndarray``s of a bounded size and a non-object dtype."""
+    if subtype is not np.ndarray and subtype is not _NDARRAY:
+        raise pickle.UnpicklingError("only plain numpy arrays are data")
+    dims = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, int) and d >= 0 for d in dims) or int(np.prod(dims, dtype=object)) > _MAX_EMPTY_ELEMENTS:
+        raise pickle.UnpicklingError(f"an array of shape {dims} made before its data")
+    return np.ndarray(dims, dtype=_plain_dtype(dtype) if not isinstance(dtype, np.dtype) else _checked(dtype))
+
+
+def _checked(dt: np.dtype) -> np.dtype:
+    if dt.hasobject:
+        raise pickle.UnpicklingError("numpy object arrays are not plain data")
+    return dt
+
+
 def _allowed_globals() -> dict[tuple[str, str], object]:
     try:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+
+    def scalar(dtype, *args):
+        return multiarray.scalar(_checked(dtype), *args)
+
+    def frombuffer(buf, dtype, shape, order):
+        return numeric._frombuffer(buf, _checked(np.dtype(dtype)), shape, order)
+
     allowed: dict[tuple[str, str], object] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
+        # a plain dict: an OrderedDict instance could be given attributes that shadow its methods
+        ("collections", "OrderedDict"): dict,
         ("_codecs", "encode"): _latin1_encode,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): _NDARRAY,
+        ("numpy", "dtype"): _plain_dtype,
     }
     for builtins_name in ("builtins", "__builtin__"):  # the latter in Python 2 pickles
-        for name, obj in (("set", set), ("frozenset", frozenset), ("complex", complex), ("slice", slice),
-                          ("bytearray", bytearray)):
+        for name, obj in (("set", set), ("frozenset", frozenset), ("complex", complex), ("slice", slice)):
             allowed[(builtins_name, name)] = obj
     for prefix in ("numpy.core", "numpy._core"):  # written by numpy 1 / numpy 2
-        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{prefix}.multiarray", "_reconstruct")] = _reconstruct_array
+        allowed[(f"{prefix}.multiarray", "scalar")] = scalar
+        allowed[(f"{prefix}.numeric", "_frombuffer")] = frombuffer
     return allowed
 
 

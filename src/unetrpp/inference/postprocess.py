@@ -80,13 +80,40 @@ def check_postprocessing(post, source: str, labels: dict[str, int] | None = None
         bad = [c for c in classes if c not in known]
         if bad:
             raise ValueError(f"{source}: largest_component names classes {bad} the model does not predict")
+    for key, kind, item in (("runs", list, str), ("decisions", list, str), ("class_names", dict, str),
+                            ("cross_validation", dict, None)):
+        value = post.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (item is not None and not all(
+                isinstance(v, item) for v in (value.values() if isinstance(value, dict) else value))):
+            raise ValueError(f"{source}: {key} must be a {kind.__name__}" + (f" of {item.__name__}s" if item else ""))
+    cv = post.get("cross_validation")
+    if cv is not None:
+        check_cross_validation(cv, source)
     return post
 
 
-def read_postprocessing(path: str | os.PathLike) -> dict:
+def check_cross_validation(cv, source: str) -> dict:
+    """The cross-validation summary's numbers must be numbers (or null), its per-class maps objects."""
+    if not isinstance(cv, dict):
+        raise ValueError(f"{source}: cross_validation must be an object")
+    for key in ("mean_dice_before", "mean_dice_after", "cases"):
+        v = cv.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{source}: cross_validation {key} must be a number, got {v!r}")
+    for key in ("dice_before", "dice_after"):
+        v = cv.get(key)
+        if v is not None and not (isinstance(v, dict) and all(
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v.values())):
+            raise ValueError(f"{source}: cross_validation {key} must map classes to numbers")
+    return cv
+
+
+def read_postprocessing(path: str | os.PathLike, labels: dict[str, int] | None = None) -> dict:
     from ..io.jsonio import read_json
 
-    return check_postprocessing(read_json(path), str(path))
+    return check_postprocessing(read_json(path), str(path), labels)
 
 
 def _dice(pred: np.ndarray, ref: np.ndarray, classes: Iterable[int]) -> dict[int, float]:

@@ -108,7 +108,7 @@ def threads_per_rank(local_parts: int, env: Mapping[str, str] | None = None, cor
     env = os.environ if env is None else env
     omp = env.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 1:
-        return int(omp)
+        return min(int(omp), 1024)  # a thread count, not whatever number the variable holds
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local_parts))

@@ -77,6 +77,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply to read") from None
 

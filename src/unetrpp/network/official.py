@@ -66,6 +66,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    from ..checkpoint import check_archive
+
+    try:
+        check_archive(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     try:
         with torch.serialization.safe_globals(_safe_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
