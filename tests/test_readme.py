@@ -69,3 +69,12 @@ def test_official_weights_commands_run_as_written(tmp_path, monkeypatch, capsys)
         assert main(words) == 0, words
     assert "liver" in capsys.readouterr().out  # show-model names the official labels
     assert read_image(tmp_path / "seg.nii.gz")[0].shape == (10, 48, 48)
+
+
+def test_public_names_the_readme_uses_import():
+    from unetrpp.inference import Predictor, load_model
+    from unetrpp.training import TrainConfig, Trainer
+
+    assert "unetrpp.training.TrainConfig" in README.read_text()
+    assert TrainConfig().recipe == "auto" and Trainer.__name__ == "Trainer"
+    assert callable(load_model) and callable(Predictor.from_model)
