@@ -37,6 +37,11 @@ def tensors_digest(state: dict) -> str:
     return h.hexdigest()
 
 
+def inflates(info: zipfile.ZipInfo) -> bool:
+    """A compressed zip member that expands suspiciously (more than 50x and past 1 MiB): a zip bomb."""
+    return info.compress_type != zipfile.ZIP_STORED and info.file_size > 50 * info.compress_size + (1 << 20)
+
+
 def check_archive(path: Path) -> None:
     """Refuse, before reading, a zip file (torch checkpoints are zips) that would unpack to more than
     the memory left or whose compressed members expand suspiciously (torch stores members
@@ -53,7 +58,7 @@ def check_archive(path: Path) -> None:
     if left and total > left:
         raise ValueError(f"{path}: unpacks to {total / 1e9:.1f} GB, more than the {left / 1e9:.1f} GB of memory left")
     for i in infos:
-        if i.compress_type != zipfile.ZIP_STORED and i.file_size > 50 * i.compress_size + (1 << 20):
+        if inflates(i):
             raise ValueError(f"{path}: member {i.filename!r} expands from {i.compress_size} to {i.file_size} bytes "
                              "(a zip bomb?); refused")
 

@@ -123,7 +123,9 @@ def _read_limited(zf: zipfile.ZipFile, name: str, limit: int, source: str) -> by
         raise ValueError(f"{source}: the package lacks {name}") from None
     if info.file_size > limit:
         raise ValueError(f"{source}: {name} claims {info.file_size} bytes, more than the {limit} allowed")
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 50 * info.compress_size + (1 << 20):
+    from ..checkpoint import inflates
+
+    if inflates(info):
         raise ValueError(f"{source}: {name} expands from {info.compress_size} to {info.file_size} bytes "
                          "(a zip bomb?); refused")
     with zf.open(info) as f:

@@ -66,10 +66,7 @@ _MAX_EMPTY_ELEMENTS = 1 << 16
 
 def _plain_dtype(*args):
     """``numpy.dtype(...)``, refusing object dtypes (whose elements could be any object)."""
-    dt = np.dtype(*args)
-    if dt.hasobject:
-        raise pickle.UnpicklingError("numpy object arrays are not plain data")
-    return dt
+    return _checked(np.dtype(*args))
 
 
 class _NdarrayType:
@@ -89,7 +86,7 @@ def _reconstruct_array(subtype, shape, dtype):
     dims = (shape,) if isinstance(shape, int) else tuple(shape)
     if not all(isinstance(d, int) and d >= 0 for d in dims) or int(np.prod(dims, dtype=object)) > _MAX_EMPTY_ELEMENTS:
         raise pickle.UnpicklingError(f"an array of shape {dims} made before its data")
-    return np.ndarray(dims, dtype=_plain_dtype(dtype) if not isinstance(dtype, np.dtype) else _checked(dtype))
+    return np.ndarray(dims, dtype=_plain_dtype(dtype))
 
 
 def _checked(dt: np.dtype) -> np.dtype:
