@@ -868,3 +868,23 @@ def test_plan_on_a_full_disk_fails_before_the_fingerprint(small_disk, capsys, mo
     monkeypatch.setattr(unetrpp.data.plan, "plan_dataset", lambda *a, **k: called.append(1))
     _one_line_error(capsys, ["plan", ds], f"{ds}: cannot write plans there (No space left on device)")
     assert called == [] and not (ds / "plans.json").exists()
+
+
+def test_only_user_errors_are_one_line_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    from unetrpp import UserError
+    from unetrpp.cli import info
+
+    def user(args):
+        raise UserError("/data/case.nii.gz: 4-D image; give one volume per file")
+
+    monkeypatch.setattr(info, "run", user)
+    _one_line_error(capsys, ["info", "synapse"], "error: /data/case.nii.gz: 4-D image")
+
+    def numpy_bug(args):  # a ValueError from deep inside a library is a bug: the traceback, not a line
+        import numpy as np
+        np.zeros(3).reshape(2, 2)
+
+    monkeypatch.setattr(info, "run", numpy_bug)
+    with pytest.raises(ValueError, match="cannot reshape"):
+        main(["info", "synapse"])
+    assert "error:" not in capsys.readouterr().err

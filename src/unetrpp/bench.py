@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 WHATS = ("rates", "forward", "train", "epa", "sliding", "maxbatch")
 EPA_DIMS = (32, 64, 128, 256)
 EPA_TOKENS = (4096, 8192, 16384, 32768, 65536)
@@ -80,12 +82,12 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: C
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log(y) against log(x): y ~ x^slope."""
     if len(xs) != len(ys) or len(xs) < 2:
-        raise ValueError("need at least two (x, y) points")
+        raise UserError("need at least two (x, y) points")
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
     den = sum((a - mx) ** 2 for a in lx)
     if den == 0:
-        raise ValueError("all x are equal")
+        raise UserError("all x are equal")
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den
 
 
@@ -190,7 +192,7 @@ def bench_train(preset: str, device, repeats: int, amp: str = "off", compile_: b
 def bench_maxbatch(preset: str, device, amp: str = "bf16", limit: int = 256, checkpointing: bool = False) -> dict:
     """Largest training batch (powers of two, then bisection) whose step runs without running out of memory."""
     if device.type != "cuda":
-        raise ValueError("--what maxbatch needs --device cuda (on the CPU, memory is bounded by the host, not a card)")
+        raise UserError("--what maxbatch needs --device cuda (on the CPU, memory is bounded by the host, not a card)")
 
     def fits(b: int) -> bool:
         model = run = step = None
@@ -243,7 +245,7 @@ def bench_attention(kind: str, dim: int, tokens: int, device, repeats: int, head
     elif kind == "mhsa":
         module = MultiHeadSelfAttention(dim, heads)
     else:
-        raise ValueError(f"attention kind must be 'epa' or 'mhsa', got {kind!r}")
+        raise UserError(f"attention kind must be 'epa' or 'mhsa', got {kind!r}")
     module = module.to(device).eval()
     x = torch.randn(1, tokens, dim, device=device)
 
@@ -298,7 +300,7 @@ def bench_sliding(preset: str, device, volume: Sequence[int], tta: bool, impl: s
         try:
             from monai.inferers import sliding_window_inference
         except ImportError:
-            raise ValueError("--monai needs MONAI: pip install --no-deps monai") from None
+            raise UserError("--monai needs MONAI: pip install --no-deps monai") from None
         x = image[None].to(device)
         combos = [()] + [(a,) for a in (2, 3, 4)] + [(2, 3), (2, 4), (3, 4), (2, 3, 4)]
 
@@ -314,7 +316,7 @@ def bench_sliding(preset: str, device, volume: Sequence[int], tta: bool, impl: s
                     acc = p if acc is None else acc.add_(p)
             return acc[0] / flips
     else:
-        raise ValueError(f"sliding impl must be 'unetrpp' or 'monai', got {impl!r}")
+        raise UserError(f"sliding impl must be 'unetrpp' or 'monai', got {impl!r}")
 
     t = time.perf_counter()
     run()
@@ -368,9 +370,9 @@ def run_suite(whats: Sequence[str], preset: str = "synapse", device: str = "cpu"
     """Run the chosen measurements, each in its own process; returns the full record."""
     bad = [w for w in whats if w not in WHATS]
     if bad:
-        raise ValueError(f"unknown --what {bad}; choose from {', '.join(WHATS)}")
+        raise UserError(f"unknown --what {bad}; choose from {', '.join(WHATS)}")
     if "epa" in whats and (not epa_kinds or set(epa_kinds) - {"epa", "mhsa"}):
-        raise ValueError(f"--epa-kinds must name epa and/or mhsa, got {list(epa_kinds)}")
+        raise UserError(f"--epa-kinds must name epa and/or mhsa, got {list(epa_kinds)}")
     base = {"device": device, "threads": threads, "tune": tune}
     record: dict = {"machine": machine_info(device), "preset": preset, "amp": amp, "compile": compile_,
                     "checkpointing": checkpointing, "results": {}}

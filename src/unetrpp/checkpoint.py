@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .io.jsonio import atomic_write
 
 FORMAT = "unetrpp-checkpoint"
@@ -56,10 +57,10 @@ def check_archive(path: Path) -> None:
     total = sum(i.file_size for i in infos)
     left = available_memory()
     if left and total > left:
-        raise ValueError(f"{path}: unpacks to {total / 1e9:.1f} GB, more than the {left / 1e9:.1f} GB of memory left")
+        raise UserError(f"{path}: unpacks to {total / 1e9:.1f} GB, more than the {left / 1e9:.1f} GB of memory left")
     for i in infos:
         if inflates(i):
-            raise ValueError(f"{path}: member {i.filename!r} expands from {i.compress_size} to {i.file_size} bytes "
+            raise UserError(f"{path}: member {i.filename!r} expands from {i.compress_size} to {i.file_size} bytes "
                              "(a zip bomb?); refused")
 
 
@@ -88,37 +89,37 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         # torch's message suggests weights_only=False, which would run whatever code the file holds: not that
         kind = "refused: it holds objects other than plain data" if "Unsupported global" in str(e) else \
             "damaged or another kind of file"
-        raise ValueError(f"{path}: not a loadable unetrpp checkpoint ({kind})") from None
+        raise UserError(f"{path}: not a loadable unetrpp checkpoint ({kind})") from None
     except OSError:
         raise
     except Exception as e:  # whatever torch's reader raises on arbitrary bytes
-        raise ValueError(f"{path}: not a loadable unetrpp checkpoint (damaged or another kind of file: "
+        raise UserError(f"{path}: not a loadable unetrpp checkpoint (damaged or another kind of file: "
                          f"{type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a unetrpp checkpoint (official .model files: `unetrpp convert-weights`)")
+        raise UserError(f"{path}: not a unetrpp checkpoint (official .model files: `unetrpp convert-weights`)")
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {', '.join(missing)}")
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing)}")
     version = ckpt["version"]
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"{path}: checkpoint version must be an integer, got {version!r}")
+        raise UserError(f"{path}: checkpoint version must be an integer, got {version!r}")
     if version > VERSION:
-        raise ValueError(f"{path}: checkpoint format {version} is newer than this unetrpp ({VERSION})")
+        raise UserError(f"{path}: checkpoint format {version} is newer than this unetrpp ({VERSION})")
     for key, kind in (("model_config", dict), ("plans", dict), ("state_dict", dict)):
         if not isinstance(ckpt[key], kind):
-            raise ValueError(f"{path}: checkpoint {key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
+            raise UserError(f"{path}: checkpoint {key} must be a {kind.__name__}, got {type(ckpt[key]).__name__}")
     if not all(isinstance(k, str) for k in ckpt["model_config"]):
-        raise ValueError(f"{path}: checkpoint model_config keys must be names")
+        raise UserError(f"{path}: checkpoint model_config keys must be names")
     bad = [k for k, v in ckpt["state_dict"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: checkpoint state_dict must map names to tensors ({bad[0]!r} does not)")
+        raise UserError(f"{path}: checkpoint state_dict must map names to tensors ({bad[0]!r} does not)")
     labels = ckpt.get("labels")
     if labels is not None and not (isinstance(labels, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in labels.items())):
-        raise ValueError(f"{path}: checkpoint labels must map names to integers, got {type(labels).__name__}")
+        raise UserError(f"{path}: checkpoint labels must map names to integers, got {type(labels).__name__}")
     digest = ckpt.get("state_dict_sha256")
     if digest is not None and digest != tensors_digest(ckpt["state_dict"]):
-        raise ValueError(f"{path}: the weights do not match their checksum (the file was damaged or edited)")
+        raise UserError(f"{path}: the weights do not match their checksum (the file was damaged or edited)")
     return ckpt
 
 
@@ -130,19 +131,19 @@ def build_model(ckpt: dict, source: str = "checkpoint", allow_nonfinite: bool = 
 
     config = ckpt["model_config"]
     if not isinstance(config, dict):
-        raise ValueError(f"{source}: model_config must be a dict, got {type(config).__name__}")
+        raise UserError(f"{source}: model_config must be a dict, got {type(config).__name__}")
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(UNETRPPConfig)})
     if unknown:
-        raise ValueError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))} "
+        raise UserError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))} "
                          "(written by a newer unetrpp, or edited?)")
     try:
         model = UNETRPP(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: model_config: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{source}: model_config: {str(e).splitlines()[0]}") from None
     if not allow_nonfinite:
         for key, t in ckpt["state_dict"].items():
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{source}: weight {key!r} holds NaN/inf values; the model would predict nothing "
+                raise UserError(f"{source}: weight {key!r} holds NaN/inf values; the model would predict nothing "
                                  "(a diverged run?)")
     load_state_dict_checked(model, ckpt["state_dict"], source=source)
     return model.eval()

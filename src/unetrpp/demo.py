@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .io import write_json
 
 DEMO_PATCH = (16, 64, 64)
@@ -71,7 +72,7 @@ def run_demo(
     t_start = time.perf_counter()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: exists and is not empty; choose a new folder (or delete it)")
+        raise UserError(f"{out}: exists and is not empty; choose a new folder (or delete it)")
     out.mkdir(parents=True, exist_ok=True)
     tune_cpu_allocator()
     data = out / "phantom"

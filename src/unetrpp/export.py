@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
+
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, batch: int = 2, opset: int = 18,
                 check: bool = True, atol: float = 1e-4) -> dict:
@@ -22,13 +24,13 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, batch: in
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
-        raise ValueError("ONNX export needs the optional packages: pip install 'unetrpp[export]'") from None
+        raise UserError("ONNX export needs the optional packages: pip install 'unetrpp[export]'") from None
     from .checkpoint import build_model, load_checkpoint
     from .network._mode import reference_math
 
     out = Path(out)
     if out.suffix != ".onnx":
-        raise ValueError(f"{out}: the output must end in .onnx")
+        raise UserError(f"{out}: the output must end in .onnx")
     from .io.jsonio import follow_umask
 
     ckpt = load_checkpoint(checkpoint)
@@ -61,7 +63,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, batch: in
             diff = float(np.max(np.abs(got - expected)))
             result["max_abs_diff"] = diff
             if not diff <= atol:
-                raise ValueError(f"{out}: onnxruntime output differs from torch by {diff:.2e} (> {atol:g})")
+                raise UserError(f"{out}: onnxruntime output differs from torch by {diff:.2e} (> {atol:g})")
         follow_umask(tmp)
         os.replace(tmp, out)
         return result

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .io.jsonio import atomic_write
 
 
@@ -49,7 +50,7 @@ def overlay_png(
     from matplotlib.patches import Patch
 
     if image.shape != label.shape:
-        raise ValueError(f"image shape {image.shape} differs from label shape {label.shape}")
+        raise UserError(f"image shape {image.shape} differs from label shape {label.shape}")
     fg = np.argwhere(label > 0)
     centre = fg.mean(0).round().astype(int) if len(fg) else np.array(image.shape) // 2
     lo, hi = _window(image)

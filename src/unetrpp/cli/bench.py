@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -44,7 +46,7 @@ def _ints(text: str, name: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v]
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def run(args) -> int:
@@ -56,7 +58,7 @@ def run(args) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available here")
+            raise UserError("--device cuda: no CUDA device is available here")
     tta = {"off": (False,), "on": (True,), "both": (False, True)}[args.tta]
     try:
         record = run_suite(
@@ -68,7 +70,7 @@ def run(args) -> int:
             volume=args.volume, tta=tta, monai=args.monai, tune=not args.no_tune,
         )
     except RuntimeError as e:  # a failed measurement: its one-line reason, not a traceback
-        raise ValueError(str(e)) from None
+        raise UserError(str(e)) from None
     print_summary(record)
     if args.json:
         write_json(record, args.json)

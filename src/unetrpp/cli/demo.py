@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -24,7 +26,7 @@ def run(args) -> int:
     from ..demo import run_demo
 
     if args.steps < 25:
-        raise ValueError(f"--steps {args.steps}: the demo needs at least 25 steps")
+        raise UserError(f"--steps {args.steps}: the demo needs at least 25 steps")
     run_demo(args.out, steps=args.steps, cases=args.cases, test_cases=args.test_cases, device=args.device,
              seed=args.seed)
     return 0

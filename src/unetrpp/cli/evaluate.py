@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -34,7 +36,7 @@ def _pairs(ref, pred):
     if ref.is_file() and pred.is_file():
         return [(split_ending(ref.name)[0], ref, pred)], pred.parent
     if ref.is_file() != pred.is_file():
-        raise ValueError(f"{pred}: give two files or two folders")
+        raise UserError(f"{pred}: give two files or two folders")
 
     def index(folder: Path) -> dict[str, Path]:
         out = {}
@@ -46,10 +48,10 @@ def _pairs(ref, pred):
 
     refs, preds = index(ref), index(pred)
     if not refs:
-        raise ValueError(f"{ref}: no label files ({', '.join(FILE_ENDINGS)})")
+        raise UserError(f"{ref}: no label files ({', '.join(FILE_ENDINGS)})")
     missing = sorted(set(refs) - set(preds))
     if missing:
-        raise ValueError(f"{pred}: no prediction for {len(missing)} reference case(s), first {missing[0]}")
+        raise UserError(f"{pred}: no prediction for {len(missing)} reference case(s), first {missing[0]}")
     return [(n, refs[n], preds[n]) for n in sorted(refs)], pred
 
 

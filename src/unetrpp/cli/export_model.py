@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -23,7 +25,7 @@ def run(args) -> int:
     from ..inference.model import check_package_target, load_model, write_package
 
     if len(args.models) < 2:
-        raise ValueError("give the run folder(s) and then the package to write, e.g. "
+        raise UserError("give the run folder(s) and then the package to write, e.g. "
                          "`unetrpp export-model D/results/unetrpp_fold0 model.zip`")
     *sources, target = args.models
     target = check_package_target(target, sources, args.overwrite)

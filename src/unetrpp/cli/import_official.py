@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -36,7 +38,7 @@ def run(args) -> int:
     pkl = args.pkl or f"{args.checkpoint}.pkl"
     check_package_target(args.output, [args.checkpoint, pkl, args.labels], args.overwrite)
     if Path(args.output).suffix == ".pkl" or Path(args.output).name.endswith(".model"):
-        raise ValueError(f"{args.output}: give the package a .zip name or a folder name")
+        raise UserError(f"{args.output}: give the package a .zip name or a folder name")
     path, s = import_official(args.checkpoint, args.pkl, args.output, labels_json=args.labels, stage=args.stage,
                               patch_size=args.patch_size)
     plans, cfg = s["plans"], s["config"]

@@ -7,6 +7,7 @@ import re
 import sys
 
 from .. import __version__
+from ..errors import UserError
 from . import (
     bench,
     check,
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print("unetrpp: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:
-        if args.debug:
+        # the user's files or settings; any other error is a bug and keeps its traceback
+        if args.debug or not (isinstance(e, (UserError, OSError)) or _from_loader_worker(e)):
             raise
         if isinstance(e, OSError) and e.filename and e.strerror:  # e.g. a full disk: name the file
             msg = f"{e.filename}: {e.strerror}"
@@ -86,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"unetrpp {args.command}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _from_loader_worker(e: BaseException) -> bool:
+    """A ``ValueError`` re-raised by a data-loading worker: such a worker only reads the user's files."""
+    return str(e).lstrip().startswith("Caught ") and "worker process" in str(e).split("\n", 1)[0]
 
 
 def _user_message(e: BaseException) -> str:

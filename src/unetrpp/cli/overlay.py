@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,16 +27,16 @@ def run(args) -> int:
     label, lgeom = read_image(args.label)
     image = image[0] if image.ndim == 4 else image
     if image.shape != label.shape:
-        raise ValueError(f"{args.label}: shape {label.shape} differs from the image's {image.shape}")
+        raise UserError(f"{args.label}: shape {label.shape} differs from the image's {image.shape}")
     if why := geometry.mismatch(lgeom):
-        raise ValueError(f"{args.label}: geometry differs from the image: {why}")
+        raise UserError(f"{args.label}: geometry differs from the image: {why}")
     names = None
     if args.dataset:
         from ..data.layout import read_labels
 
         names = {v: k for k, v in read_labels(Path(args.dataset) / "dataset.json").items()}
     if not str(args.out).lower().endswith(".png"):
-        raise ValueError(f"{args.out}: the output must be a .png file")
+        raise UserError(f"{args.out}: the output must be a .png file")
     write_overlay(image, label.astype("int64"), geometry.spacing_zyx, args.out, names, title=Path(args.label).name)
     print(f"wrote {args.out}")
     return 0

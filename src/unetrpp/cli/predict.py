@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from ..errors import UserError
+
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -78,7 +80,7 @@ def shortcuts_of(args):
 
     if args.exact:
         if args.mirror_margin is not None or args.no_constant_windows or args.mirror_step is not None:
-            raise ValueError("--exact computes everything; it cannot be combined with --mirror-margin, "
+            raise UserError("--exact computes everything; it cannot be combined with --mirror-margin, "
                              "--mirror-step or --no-constant-windows")
         return EXACT
     margin = DEFAULT_SHORTCUTS.mirror_margin if args.mirror_margin is None else args.mirror_margin
@@ -122,21 +124,21 @@ def find_cases(path: Path, channels: int) -> list[tuple[str, list[Path], str]]:
         m = _CHANNEL.match(stem)
         case, ch = (m.group("case"), int(m.group("ch"))) if m else (stem, 0)
         if not m and channels > 1:
-            raise ValueError(f"{f}: the model takes {channels} channels; name the files CASE_0000{ending}, "
+            raise UserError(f"{f}: the model takes {channels} channels; name the files CASE_0000{ending}, "
                              f"CASE_0001{ending}, ...")
         if ch in groups.setdefault(case, {}):
-            raise ValueError(f"{f}: channel {ch} of case {case} is also {groups[case][ch].name}; one output would "
+            raise UserError(f"{f}: channel {ch} of case {case} is also {groups[case][ch].name}; one output would "
                              "serve two inputs; rename one of them")
         groups[case][ch] = f
         endings[case] = ending
     cases = []
     for case, chans in groups.items():
         if sorted(chans) != list(range(channels)):
-            raise ValueError(f"{path}: case {case} has channels {sorted(chans)}, the model takes 0..{channels - 1}")
+            raise UserError(f"{path}: case {case} has channels {sorted(chans)}, the model takes 0..{channels - 1}")
         cases.append((case, [chans[c] for c in range(channels)], endings[case]))
     cases += [(d.name, [d], ".nii.gz") for d in subdirs if _is_dicom_dir(d)]
     if not cases:
-        raise ValueError(f"{path}: no images found ({', '.join(FILE_ENDINGS)} files or DICOM series)")
+        raise UserError(f"{path}: no images found ({', '.join(FILE_ENDINGS)} files or DICOM series)")
     return cases
 
 
@@ -151,13 +153,13 @@ def _same(a: Path, b: Path) -> bool:
 def refuse_overwriting_inputs(inp: Path, out: Path, targets=()) -> None:
     """One-line error when the output (folder or file) is the input, or any output file is an input file."""
     if _same(inp, out):
-        raise ValueError(f"{out}: the output is the input; give another output file or folder")
+        raise UserError(f"{out}: the output is the input; give another output file or folder")
     inputs = [f for _, files, _ in targets for f in files]
     for _, _, outputs in targets:
         for o in outputs:
             for f in inputs:
                 if _same(o, f):
-                    raise ValueError(f"{o}: this output would replace the input {f}; give another output folder")
+                    raise UserError(f"{o}: this output would replace the input {f}; give another output folder")
 
 
 def outputs_of(target: Path, save_probabilities: bool, preview: bool, dicom_seg: bool = False) -> list[Path]:
@@ -207,12 +209,12 @@ def run(args) -> int:
     cases = find_cases(inp, predictor.num_channels)
     single_file_out = split_ending(out.name)[1] in FILE_ENDINGS
     if single_file_out and len(cases) > 1:
-        raise ValueError(f"{out}: {len(cases)} cases to write; give an output folder")
+        raise UserError(f"{out}: {len(cases)} cases to write; give an output folder")
     targets = [(c, files, out if single_file_out else out / f"{c}{ending}") for c, files, ending in cases]
     seen: dict[Path, list[Path]] = {}
     for _, files, target in targets:
         if target in seen:
-            raise ValueError(f"{target}: two inputs would write it ({seen[target][0]} and {files[0]}); "
+            raise UserError(f"{target}: two inputs would write it ({seen[target][0]} and {files[0]}); "
                              "rename one of them")
         seen[target] = files
     outputs = {t[2]: outputs_of(t[2], args.save_probabilities, args.preview, args.dicom_seg) for t in targets}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -85,4 +87,4 @@ def _int(v: str, name: str) -> int:
     try:
         return int(v)
     except ValueError:
-        raise ValueError(f"{name} must be an integer or 'all', got {v!r}") from None
+        raise UserError(f"{name} must be an integer or 'all', got {v!r}") from None

@@ -25,6 +25,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import UserError
 from ..io import read_image, read_json, write_image
 from ..io.jsonio import atomic_write
 from ..parallel import worker_pool
@@ -54,11 +55,11 @@ def copy_atomic(src: Path, dst: Path, root: Path | None = None) -> None:
         try:
             real = src.resolve(strict=True)
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{src}: cannot be read ({e})") from None
+            raise UserError(f"{src}: cannot be read ({e})") from None
         if not real.is_relative_to(Path(root).resolve()):
-            raise ValueError(f"{src}: points outside {root} (to {real}); refusing to copy it")
+            raise UserError(f"{src}: points outside {root} (to {real}); refusing to copy it")
         if not real.is_file():
-            raise ValueError(f"{src}: not a regular file")
+            raise UserError(f"{src}: not a regular file")
     with open(src, "rb") as f:
         atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
@@ -83,7 +84,7 @@ def _run(jobs: list[tuple[Callable, tuple]], workers: int) -> None:
 def convert_synapse(src: str | os.PathLike, dst: str | os.PathLike, variant: str = "synapse") -> Path:
     """BTCV ``RawData`` -> v2 layout with the ``synapse`` (18/12) or ``btcv`` (24/6) split."""
     if variant not in ("synapse", "btcv"):
-        raise ValueError(f"variant must be 'synapse' or 'btcv', got {variant!r}")
+        raise UserError(f"variant must be 'synapse' or 'btcv', got {variant!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder")
@@ -97,13 +98,13 @@ def convert_synapse(src: str | os.PathLike, dst: str | os.PathLike, variant: str
         table = images if m.group(1) == "img" else labels
         name = f"img{m.group(2)}"
         if name in table:
-            raise ValueError(f"{p}: case {name} appears twice in {src} (also {table[name]})")
+            raise UserError(f"{p}: case {name} appears twice in {src} (also {table[name]})")
         table[name] = p
     if not labels:
-        raise ValueError(f"{src}: no labelNNNN.nii.gz files; expected BTCV RawData (Training/img, Training/label)")
+        raise UserError(f"{src}: no labelNNNN.nii.gz files; expected BTCV RawData (Training/img, Training/label)")
     orphans = sorted(set(labels) - set(images))
     if orphans:
-        raise ValueError(f"{labels[orphans[0]]}: label without image img{orphans[0][3:]}.nii.gz")
+        raise UserError(f"{labels[orphans[0]]}: label without image img{orphans[0][3:]}.nii.gz")
     train = sorted(labels)
     for n in train:
         copy_atomic(images[n], dst / "imagesTr" / f"{n}_0000.nii.gz", src)
@@ -128,7 +129,7 @@ def _read_info(path: Path) -> dict[str, str]:
             info[k.strip()] = v.strip()
     for key in ("ED", "ES"):
         if not info.get(key, "").isdigit():
-            raise ValueError(f"{path}: no integer {key} frame")
+            raise UserError(f"{path}: no integer {key} frame")
     return info
 
 
@@ -142,12 +143,12 @@ def convert_acdc(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         key=lambda p: p.name,
     )
     if not patients:
-        raise ValueError(f"{src}: no patientNNN folders found; expected the ACDC training/ (and testing/) folders")
+        raise UserError(f"{src}: no patientNNN folders found; expected the ACDC training/ (and testing/) folders")
     train, test_patients = [], []
     seen = set()
     for folder in patients:
         if folder.name in seen:
-            raise ValueError(f"{folder}: {folder.name} appears twice in {src}")
+            raise UserError(f"{folder}: {folder.name} appears twice in {src}")
         seen.add(folder.name)
         number = int(folder.name[7:])
         info = _read_info(folder / "Info.cfg")
@@ -178,7 +179,7 @@ def _msd_image(src: Path, out_dir: Path, case: str, channels: int) -> None:
         return
     array, geometry = read_image(src)
     if array.ndim != 4 or array.shape[0] != channels:
-        raise ValueError(f"{src}: expected {channels} channels (4D), got shape {array.shape}")
+        raise UserError(f"{src}: expected {channels} channels (4D), got shape {array.shape}")
     for c in range(channels):
         write_image(array[c], geometry, out_dir / f"{case}_{c:04d}.nii.gz")
 
@@ -187,13 +188,13 @@ def _msd_path(root: Path, entry, where: str) -> Path:
     """The file a ``dataset.json`` entry names; it must resolve (symlinks followed) inside ``root``."""
     meta = root / "dataset.json"
     if not isinstance(entry, str) or not entry or "\0" in entry:
-        raise ValueError(f"{meta}: {where}: {entry!r} is not a file path")
+        raise UserError(f"{meta}: {where}: {entry!r} is not a file path")
     path = (root / entry).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise ValueError(f"{meta}: {where}: {entry!r} points outside {root}; paths must stay inside the task folder")
+        raise UserError(f"{meta}: {where}: {entry!r} points outside {root}; paths must stay inside the task folder")
     _need(root / entry)
     if not path.is_file():
-        raise ValueError(f"{meta}: {where}: {entry!r} is not a file")
+        raise UserError(f"{meta}: {where}: {entry!r} is not a file")
     return path
 
 
@@ -207,25 +208,25 @@ def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1
     """A Medical Segmentation Decathlon task folder -> v2 layout (+ splits)."""
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise ValueError(f"{dst}: the output must be outside the MSD task folder {src} (it would overwrite it)")
+        raise UserError(f"{dst}: the output must be outside the MSD task folder {src} (it would overwrite it)")
     meta = read_json(src / "dataset.json")
     if not isinstance(meta, dict) or "training" not in meta:
-        raise ValueError(f"{src / 'dataset.json'}: not an MSD dataset.json (no 'training' list)")
+        raise UserError(f"{src / 'dataset.json'}: not an MSD dataset.json (no 'training' list)")
     modality = meta.get("modality") or {"0": "unknown"}
     channels = [str(modality[k]) for k in sorted(modality, key=int)]
     labels = {}
     for k, v in meta.get("labels", {}).items():
         if not str(k).isdigit():
-            raise ValueError(f"{src / 'dataset.json'}: label key {k!r} is not an integer")
+            raise UserError(f"{src / 'dataset.json'}: label key {k!r} is not an integer")
         name = str(v) if str(v) not in labels else f"{v}_{k}"
         labels[name] = int(k)
     # every entry is checked before anything is copied
     jobs, train = [], []
     if not isinstance(meta["training"], list) or not isinstance(meta.get("test", []), list):
-        raise ValueError(f"{src / 'dataset.json'}: 'training' and 'test' must be lists")
+        raise UserError(f"{src / 'dataset.json'}: 'training' and 'test' must be lists")
     for i, item in enumerate(meta["training"]):
         if not isinstance(item, dict) or not {"image", "label"} <= set(item):
-            raise ValueError(f"{src / 'dataset.json'}: training[{i}] must be {{'image': ..., 'label': ...}}")
+            raise UserError(f"{src / 'dataset.json'}: training[{i}] must be {{'image': ..., 'label': ...}}")
         img = _msd_path(src, item["image"], f"training[{i}].image")
         lab = _msd_path(src, item["label"], f"training[{i}].label")
         case = _case_of(src, item["image"], f"training[{i}].image")
@@ -238,7 +239,7 @@ def convert_msd(src: str | os.PathLike, dst: str | os.PathLike, workers: int = 1
         case = _case_of(src, entry, f"test[{i}]")
         jobs.append((_msd_image, (img, dst / "imagesTs", case, len(channels))))
     if len(set(train)) != len(train):
-        raise ValueError(f"{src / 'dataset.json'}: a case is listed twice in 'training'")
+        raise UserError(f"{src / 'dataset.json'}: a case is listed twice in 'training'")
     _run(jobs, workers)
     name = str(meta.get("name") or src.name)
     write_dataset_json(

@@ -23,6 +23,7 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import FILE_ENDINGS, read_json, write_json
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -59,7 +60,7 @@ class Dataset:
         meta = read_json(root / "dataset.json")
         problems = validate_dataset_json(meta)
         if problems:
-            raise ValueError(f"{root / 'dataset.json'}: {problems[0]}")
+            raise UserError(f"{root / 'dataset.json'}: {problems[0]}")
         channels = meta["channel_names"]
         return cls(
             root=root,
@@ -127,7 +128,7 @@ class Dataset:
         for c in self.training_cases():
             if c.name == name:
                 return c
-        raise ValueError(f"{self.root}: no training case named {name!r}")
+        raise UserError(f"{self.root}: no training case named {name!r}")
 
 
 def _stems(folder: Path, ending: str) -> list[str]:
@@ -182,7 +183,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
     meta = read_json(path)
     labels = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(labels, dict) or not labels:
-        raise ValueError(f"{path}: no 'labels' mapping")
+        raise UserError(f"{path}: no 'labels' mapping")
 
     def integer(v) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool):
@@ -193,7 +194,7 @@ def read_labels(path: str | os.PathLike) -> dict[str, int]:
         return {str(k): integer(v) for k, v in labels.items()}
     if all(integer(k) is not None and isinstance(v, str) for k, v in labels.items()):  # MSD: value -> name
         return {v: integer(k) for k, v in labels.items()}
-    raise ValueError(f"{path}: 'labels' must map names to integer values (or, MSD style, values to names)")
+    raise UserError(f"{path}: 'labels' must map names to integer values (or, MSD style, values to names)")
 
 
 def write_dataset_json(
@@ -215,7 +216,7 @@ def write_dataset_json(
     }
     problems = validate_dataset_json(meta)
     if problems:
-        raise ValueError(f"dataset.json: {problems[0]}")
+        raise UserError(f"dataset.json: {problems[0]}")
     return write_json(meta, Path(root) / "dataset.json")
 
 
@@ -227,7 +228,7 @@ def kfold_splits(names: list[str], folds: int = 5, seed: int = SPLIT_SEED) -> li
     """``folds``-fold cross-validation over sorted case names, shuffled with a fixed seed."""
     names = sorted(names)
     if len(names) < 2:
-        raise ValueError(f"cross-validation needs at least 2 cases, got {len(names)}")
+        raise UserError(f"cross-validation needs at least 2 cases, got {len(names)}")
     folds = min(folds, len(names))
     order = np.random.default_rng(seed).permutation(len(names))
     parts = np.array_split(order, folds)
@@ -242,7 +243,7 @@ def fixed_split(names: list[str], val: list[str]) -> list[dict[str, list[str]]]:
     """One fold: ``val`` held out, every other case trains. Unknown ``val`` names are an error."""
     missing = sorted(set(val) - set(names))
     if missing:
-        raise ValueError(f"validation cases not in the dataset: {', '.join(missing[:5])}")
+        raise UserError(f"validation cases not in the dataset: {', '.join(missing[:5])}")
     vs = set(val)
     return [{"train": sorted(n for n in names if n not in vs), "val": sorted(vs)}]
 
@@ -251,7 +252,7 @@ def write_splits(root: str | os.PathLike, splits: list[dict[str, list[str]]]) ->
     for i, s in enumerate(splits):
         overlap = set(s["train"]) & set(s["val"])
         if overlap:
-            raise ValueError(f"split {i}: cases both in train and val: {sorted(overlap)[:5]}")
+            raise UserError(f"split {i}: cases both in train and val: {sorted(overlap)[:5]}")
     return write_json(splits, Path(root) / "splits.json")
 
 
@@ -266,21 +267,21 @@ def safe_case_name(name, source: str | os.PathLike) -> str:
         or os.path.isabs(name)
         or PureWindowsPath(name).drive
     ):
-        raise ValueError(f"{source}: case name {name!r} is not a plain name (no folders, '..', or absolute paths)")
+        raise UserError(f"{source}: case name {name!r} is not a plain name (no folders, '..', or absolute paths)")
     return name
 
 
 def _check_splits(path: Path, splits, cases: set[str]) -> None:
     if not isinstance(splits, list) or not all(isinstance(s, dict) and {"train", "val"} <= set(s) for s in splits):
-        raise ValueError(f"{path}: must be a list of {{'train': [...], 'val': [...]}} folds")
+        raise UserError(f"{path}: must be a list of {{'train': [...], 'val': [...]}} folds")
     for i, fold in enumerate(splits):
         for key in ("train", "val"):
             if not isinstance(fold[key], list):
-                raise ValueError(f"{path}: fold {i} {key!r} must be a list of case names")
+                raise UserError(f"{path}: fold {i} {key!r} must be a list of case names")
             for name in fold[key]:
                 safe_case_name(name, f"{path}: fold {i} {key!r}")
                 if name not in cases:
-                    raise ValueError(f"{path}: fold {i} {key!r}: case {name!r} is not a training case of the dataset")
+                    raise UserError(f"{path}: fold {i} {key!r}: case {name!r} is not a training case of the dataset")
 
 
 def load_splits(root: str | os.PathLike, create: bool = True) -> list[dict[str, list[str]]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from ..errors import UserError
 from ..io import Geometry, write_image
 from ..parallel import worker_pool
 from .convert import BTCV_LABELS
@@ -214,9 +215,9 @@ def make_phantom_dataset(
 ) -> Path:
     """Write ``cases`` training cases (+ ``test`` held-out cases in imagesTs/labelsTs) in the v2 layout."""
     if cases < 2:
-        raise ValueError(f"--cases must be at least 2, got {cases}")
+        raise UserError(f"--cases must be at least 2, got {cases}")
     if test < 0:
-        raise ValueError(f"--test must be >= 0, got {test}")
+        raise UserError(f"--test must be >= 0, got {test}")
     out = Path(out)
     jobs = [(out, "imagesTr", "labelsTr", f"phantom_{i:03d}", (seed, i), contrast) for i in range(cases)]
     jobs += [(out, "imagesTs", "labelsTs", f"phantom_{cases + i:03d}", (seed, cases + i), contrast)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import read_case, read_image, write_json
 from ..parallel import worker_pool
 from .check import with_progress as _progress
@@ -61,7 +62,7 @@ def _fingerprint_case(case: Case, seed: int) -> dict:
     label, _ = read_image(case.label)
     check_case_label(case, label)  # values dataset.json does not declare: one line naming the file
     if label.shape != data.shape[1:]:
-        raise ValueError(f"{case.label}: label shape {label.shape} differs from image shape {data.shape[1:]}")
+        raise UserError(f"{case.label}: label shape {label.shape} differs from image shape {data.shape[1:]}")
     bbox = nonzero_bbox(data)
     cropped = tuple(b - a for a, b in bbox)
     fg = label != 0
@@ -84,7 +85,7 @@ def _fingerprint_case(case: Case, seed: int) -> dict:
 def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = False, seed: int = 1234) -> dict:
     cases = list(dataset.training_cases())
     if not cases:
-        raise ValueError(f"{dataset.root}: no training cases")
+        raise UserError(f"{dataset.root}: no training cases")
     args = [(c, seed + i) for i, c in enumerate(cases)]
     if workers > 1 and len(args) > 1:
         with worker_pool(workers) as pool:
@@ -96,7 +97,7 @@ def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = Fal
     for c, name in enumerate(dataset.channel_names):
         v = np.concatenate([r["samples"][c] for r in results])
         if v.size == 0:
-            raise ValueError(f"{dataset.root}: no foreground voxels in any label; cannot plan")
+            raise UserError(f"{dataset.root}: no foreground voxels in any label; cannot plan")
         stats.append({
             "channel": name, "mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)),
             "min": float(v.min()), "max": float(v.max()),
@@ -199,7 +200,7 @@ def make_plans(
     if target_spacing is not None:
         target = [float(v) for v in target_spacing]
         if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
-            raise ValueError(f"target spacing must be 3 positive numbers (z, y, x) in mm, got {target_spacing}")
+            raise UserError(f"target spacing must be 3 positive numbers (z, y, x) in mm, got {target_spacing}")
         decisions.append(f"target spacing {_fmt(target)} mm: given")
     else:
         target = target_spacing_for(spacings, cropped)
@@ -227,7 +228,7 @@ def make_plans(
         patch = [int(p) for p in patch_size]
         bad = [a for a in range(3) if patch[a] % divisor[a] or patch[a] < 1]
         if bad:
-            raise ValueError(f"patch size {patch} is not divisible by the network strides {divisor}")
+            raise UserError(f"patch size {patch} is not divisible by the network strides {divisor}")
         decisions.append(f"patch {tuple(patch)}: given")
     elif preset is not None and target_spacing is None:
         patch = list(base.img_size)

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UserError
 from ..io import read_json, write_json
 
 PLANS_VERSION = 2
@@ -29,9 +30,9 @@ def _floats(v, name: str, path: str, n: int = 3) -> list[float]:
     try:
         out = [float(x) for x in v]
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: {name} must be {n} numbers, got {v!r}") from None
+        raise UserError(f"{path}: {name} must be {n} numbers, got {v!r}") from None
     if len(out) != n or not all(math.isfinite(x) and x > 0 for x in out):
-        raise ValueError(f"{path}: {name} must be {n} positive finite numbers, got {v!r}")
+        raise UserError(f"{path}: {name} must be {n} positive finite numbers, got {v!r}")
     return out
 
 
@@ -39,9 +40,9 @@ def _ints(v, name: str, path: str, n: int = 3) -> list[int]:
     try:
         out = [int(x) for x in v]
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: {name} must be {n} integers, got {v!r}") from None
+        raise UserError(f"{path}: {name} must be {n} integers, got {v!r}") from None
     if len(out) != n or any(x < 1 for x in out) or any(float(a) != b for a, b in zip(v, out, strict=True)):
-        raise ValueError(f"{path}: {name} must be {n} positive integers, got {v!r}")
+        raise UserError(f"{path}: {name} must be {n} positive integers, got {v!r}")
     return out
 
 
@@ -109,34 +110,34 @@ class Plans:
     def from_dict(cls, d: dict, source: str = "plans") -> Plans:
         """Validate and build; reads version-1 plans (no ``network``) by planning their network from the preset."""
         if not isinstance(d, dict):
-            raise ValueError(f"{source}: plans must be a JSON object, got {type(d).__name__}")
+            raise UserError(f"{source}: plans must be a JSON object, got {type(d).__name__}")
         version = d.get("version", 1)
         if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"{source}: plans version must be an integer, got {version!r}")
+            raise UserError(f"{source}: plans version must be an integer, got {version!r}")
         if version > PLANS_VERSION:
-            raise ValueError(f"{source}: plans version {version} is newer than this unetrpp ({PLANS_VERSION})")
+            raise UserError(f"{source}: plans version {version} is newer than this unetrpp ({PLANS_VERSION})")
         required = ("target_spacing", "normalization", "patch_size", "channel_names", "labels")
         missing = [k for k in required if k not in d]
         if missing:
-            raise ValueError(f"{source}: not a unetrpp plans file (missing {', '.join(missing)})")
+            raise UserError(f"{source}: not a unetrpp plans file (missing {', '.join(missing)})")
         labels = d["labels"]
         if not isinstance(labels, dict) or not labels or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels.values()):
-            raise ValueError(f"{source}: labels must map names to non-negative integers, got {labels!r}")
+            raise UserError(f"{source}: labels must map names to non-negative integers, got {labels!r}")
         channels = d["channel_names"]
         if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
-            raise ValueError(f"{source}: channel_names must be a non-empty list of names, got {channels!r}")
+            raise UserError(f"{source}: channel_names must be a non-empty list of names, got {channels!r}")
         norm = d["normalization"]
         if not isinstance(norm, list) or len(norm) != len(channels) or not all(isinstance(n, dict) for n in norm):
-            raise ValueError(f"{source}: normalization must hold one scheme per channel ({len(channels)})")
+            raise UserError(f"{source}: normalization must hold one scheme per channel ({len(channels)})")
         for c, scheme in enumerate(norm):
             if problem := _scheme_problem(scheme):
-                raise ValueError(f"{source}: normalization of channel {c}: {problem}")
+                raise UserError(f"{source}: normalization of channel {c}: {problem}")
         resampling = d.get("resampling", {"image_order": 3, "label_order": 1})
         if not isinstance(resampling, dict) or not all(
                 isinstance(resampling.get(k), int) and not isinstance(resampling.get(k), bool)
                 and 0 <= resampling[k] <= 5 for k in ("image_order", "label_order")):
-            raise ValueError(f"{source}: resampling must give image_order and label_order as integers 0-5, "
+            raise UserError(f"{source}: resampling must give image_order and label_order as integers 0-5, "
                              f"got {resampling!r}")
         patch = _ints(d["patch_size"], "patch_size", source)
         network = d.get("network")
@@ -145,14 +146,14 @@ class Plans:
             from ..network.presets import PRESETS
 
             if not isinstance(preset, str) or preset not in PRESETS:
-                raise ValueError(f"{source}: unknown preset {preset!r}; one of: {', '.join(PRESETS)} (or null)")
+                raise UserError(f"{source}: unknown preset {preset!r}; one of: {', '.join(PRESETS)} (or null)")
         if network is None:  # version 1: the network came from --preset at train time (synapse if none)
             from ..network.presets import get_preset
 
             network = get_preset(preset or "synapse").config(
                 img_size=patch, in_channels=len(channels), out_channels=max(labels.values()) + 1).to_dict()
         if not isinstance(network, dict):
-            raise ValueError(f"{source}: network must be a JSON object, got {network!r}")
+            raise UserError(f"{source}: network must be a JSON object, got {network!r}")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kw.setdefault("dataset", "")
         kw.update(target_spacing=_floats(d["target_spacing"], "target_spacing", source), patch_size=patch,
@@ -160,20 +161,20 @@ class Plans:
         order = d.get("transpose_forward")
         if order is not None and not (isinstance(order, list) and all(
                 isinstance(a, int) and not isinstance(a, bool) for a in order) and sorted(order) == [0, 1, 2]):
-            raise ValueError(f"{source}: transpose_forward must be a permutation of [0, 1, 2] or null, got {order!r}")
+            raise UserError(f"{source}: transpose_forward must be a permutation of [0, 1, 2] or null, got {order!r}")
         kw["transpose_forward"] = None if order == [0, 1, 2] else order
         batch = d.get("batch_size", 2)
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"{source}: batch_size must be a positive integer, got {batch!r}")
+            raise UserError(f"{source}: batch_size must be a positive integer, got {batch!r}")
         plans = cls(**kw)
         try:
             cfg = plans.network_config()
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: network: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{source}: network: {str(e).splitlines()[0]}") from None
         if list(cfg.img_size) != patch:
-            raise ValueError(f"{source}: network img_size {list(cfg.img_size)} differs from patch_size {patch}")
+            raise UserError(f"{source}: network img_size {list(cfg.img_size)} differs from patch_size {patch}")
         if "network" in d and (cfg.in_channels != len(channels) or cfg.out_channels != plans.num_classes):
-            raise ValueError(f"{source}: the network takes {cfg.in_channels} channel(s) / {cfg.out_channels} classes, "
+            raise UserError(f"{source}: the network takes {cfg.in_channels} channel(s) / {cfg.out_channels} classes, "
                              f"the dataset has {len(channels)} / {plans.num_classes}")
         plans.network = json.loads(json.dumps(cfg.to_dict()))
         return plans

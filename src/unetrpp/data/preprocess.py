@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import Geometry, read_case, read_image, read_json, write_json, write_npy
 from ..parallel import worker_pool
 from .layout import Case, Dataset, safe_case_name
@@ -46,7 +47,7 @@ def normalize(data: np.ndarray, plans: Plans | dict) -> np.ndarray:
     """Normalise ``(c, z, y, x)`` data in place per the plans' per-channel schemes; returns it."""
     schemes = Plans.coerce(plans).normalization
     if len(schemes) != data.shape[0]:
-        raise ValueError(f"image has {data.shape[0]} channel(s), the plans expect {len(schemes)}")
+        raise UserError(f"image has {data.shape[0]} channel(s), the plans expect {len(schemes)}")
     mask = None  # the nonzero region of the raw data, taken before any channel is changed
     if any(s.get("use_nonzero_mask") for s in schemes):
         mask = fill_holes(np.any(data != 0, axis=0))
@@ -69,7 +70,7 @@ def normalize(data: np.ndarray, plans: Plans | dict) -> np.ndarray:
                 x -= mean
                 x /= max(std, 1e-8)
         elif scheme["scheme"] != "none":
-            raise ValueError(f"unknown normalisation scheme {scheme['scheme']!r}")
+            raise UserError(f"unknown normalisation scheme {scheme['scheme']!r}")
     return data
 
 
@@ -86,10 +87,10 @@ def preprocess_array(
     if data.ndim == 3:
         data = data[None]
     if data.ndim != 4:
-        raise ValueError(f"image must be (c, z, y, x) or (z, y, x), got shape {data.shape}")
+        raise UserError(f"image must be (c, z, y, x) or (z, y, x), got shape {data.shape}")
     data = data.astype(np.float32, copy=True)
     if not np.isfinite(data).all():
-        raise ValueError("image has NaN/inf voxels")
+        raise UserError("image has NaN/inf voxels")
     order = plans.transpose_forward
     if order:  # nnU-Net v1 plans: the network sees the axes in this order (``untranspose`` undoes it)
         data = np.ascontiguousarray(data.transpose(0, *(a + 1 for a in order)))
@@ -109,7 +110,7 @@ def preprocess_array(
     seg = None
     if label is not None:
         if label.shape != shape:
-            raise ValueError(f"label shape {label.shape} differs from image shape {shape}")
+            raise UserError(f"label shape {label.shape} differs from image shape {shape}")
         seg = resample_label(np.ascontiguousarray(label[crop]), new_shape, axis, plans.resampling["label_order"])
     props = {
         "plans_id": plans.id,
@@ -170,9 +171,9 @@ def preprocess_case(case: Case, plans: Plans | dict, out_dir: str | os.PathLike)
     data, geometry = read_case(case.images)
     label, lgeom = read_image(case.label)
     if label.ndim != 3:
-        raise ValueError(f"{case.label}: label must be 3D, got shape {label.shape}")
+        raise UserError(f"{case.label}: label must be 3D, got shape {label.shape}")
     if why := geometry.mismatch(lgeom):
-        raise ValueError(f"{case.label}: label geometry differs from the image: {why}")
+        raise UserError(f"{case.label}: label geometry differs from the image: {why}")
     declared = case.label_values if case.label_values is not None else plans.labels.values()
     require_declared_labels(label, case.label, declared)  # before the cast below could wrap 258 to 2
     label = label.astype(_label_dtype(plans.num_classes))
@@ -205,10 +206,10 @@ def preprocess_dataset(
     ds = Dataset.open(root)
     plans = Plans.coerce(plans) if plans is not None else load_plans(root / "plans.json")
     if {k: int(v) for k, v in ds.labels.items()} != {k: int(v) for k, v in plans.labels.items()}:
-        raise ValueError(f"{root / 'dataset.json'}: its labels {ds.labels} are not the plans' {plans.labels}; "
+        raise UserError(f"{root / 'dataset.json'}: its labels {ds.labels} are not the plans' {plans.labels}; "
                          "run `unetrpp plan` again")
     if len(ds.channel_names) != len(plans.channel_names):
-        raise ValueError(f"{root / 'dataset.json'}: {len(ds.channel_names)} channel(s), the plans were made for "
+        raise UserError(f"{root / 'dataset.json'}: {len(ds.channel_names)} channel(s), the plans were made for "
                          f"{len(plans.channel_names)}; run `unetrpp plan` again")
     out_dir = Path(out_dir) if out_dir is not None else root / "preprocessed"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +252,7 @@ def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
         try:
             arrays.append(np.load(path, mmap_mode=m, allow_pickle=False))
         except (ValueError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: unreadable preprocessed array ({str(e).splitlines()[0][:120]}); rerun "
+            raise UserError(f"{path}: unreadable preprocessed array ({str(e).splitlines()[0][:120]}); rerun "
                              "`unetrpp preprocess` with --overwrite") from None
     data, seg, loc = arrays
     return data, seg, loc, read_json(out_dir / f"{name}.json")
@@ -269,7 +270,7 @@ def restore_label(seg: np.ndarray, props: dict) -> np.ndarray:
     """A label map on the preprocessed grid -> the original grid (background outside the crop)."""
     crop_shape, axis, region = _undo_args(props)
     if tuple(seg.shape) != tuple(props["shape_after_resampling"]):
-        raise ValueError(f"label shape {seg.shape} is not the preprocessed shape {props['shape_after_resampling']}")
+        raise UserError(f"label shape {seg.shape} is not the preprocessed shape {props['shape_after_resampling']}")
     out = np.zeros(props["shape"], dtype=seg.dtype)
     out[region] = resample_label(np.asarray(seg), crop_shape, axis)
     return untranspose(out, props)
@@ -279,7 +280,7 @@ def restore_probabilities(probs: np.ndarray, props: dict) -> np.ndarray:
     """``(k, z, y, x)`` probabilities on the preprocessed grid -> the original grid (background 1 outside)."""
     crop_shape, axis, region = _undo_args(props)
     if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
-        raise ValueError(
+        raise UserError(
             f"probability shape {probs.shape[1:]} is not the preprocessed shape {props['shape_after_resampling']}"
         )
     out = np.zeros((probs.shape[0], *props["shape"]), dtype=np.float32)

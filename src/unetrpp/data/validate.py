@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import read_json
 from .layout import Case
 
@@ -48,7 +49,7 @@ def require_declared_labels(label: np.ndarray, path: str | os.PathLike, declared
     """Raise a one-line ValueError naming ``path`` when ``label`` has values ``declared`` does not hold."""
     problem = label_problem(label, declared)
     if problem:
-        raise ValueError(f"{path}: label has {problem}")
+        raise UserError(f"{path}: label has {problem}")
 
 
 def case_label_values(case: Case) -> list[int]:
@@ -56,7 +57,7 @@ def case_label_values(case: Case) -> list[int]:
     if case.label_values is not None:
         return list(case.label_values)
     if case.label is None:
-        raise ValueError(f"case {case.name}: no label file")
+        raise UserError(f"case {case.name}: no label file")
     meta = read_json(case.label.parent.parent / "dataset.json")
     return [int(v) for v in meta["labels"].values()]
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from ..io import read_image
 from ..parallel import worker_pool
 from .metrics import compare_masks
@@ -36,7 +37,7 @@ def protocol_regions(protocol: str, labels: dict[str, int] | None = None,
                      present: Sequence[int] = ()) -> dict[str, list[int]]:
     """The regions of a protocol; ``labels`` protocol: names from ``labels`` (dataset.json) or the values found."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+        raise UserError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
     regions = PROTOCOLS[protocol]
     if regions is not None:
         return regions
@@ -50,12 +51,12 @@ def _case_job(name: str, gt_path: Path, pred_path: Path, regions: dict[str, list
     gt, g_geom = read_image(gt_path)
     pred, p_geom = read_image(pred_path)
     if gt.shape != pred.shape:
-        raise ValueError(f"{pred_path}: shape {pred.shape} differs from the reference {gt_path} {gt.shape}")
+        raise UserError(f"{pred_path}: shape {pred.shape} differs from the reference {gt_path} {gt.shape}")
     if why := g_geom.mismatch(p_geom):
-        raise ValueError(f"{pred_path}: geometry differs from the reference {gt_path}: {why}")
+        raise UserError(f"{pred_path}: geometry differs from the reference {gt_path}: {why}")
     for arr, path in ((gt, gt_path), (pred, pred_path)):
         if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"{path}: holds non-integer values; a label map is needed (probabilities? threshold "
+            raise UserError(f"{path}: holds non-integer values; a label map is needed (probabilities? threshold "
                              "or arg-max them first)")
     gt, pred = gt.astype(np.int64), pred.astype(np.int64)
     spacing = g_geom.spacing_zyx

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..errors import UserError
+
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
 
@@ -75,7 +77,7 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     """95th-percentile Hausdorff distance of two non-empty masks (medpy's definition, with spacing)."""
     if not pred.any() or not gt.any():
-        raise ValueError("hd95 needs two non-empty masks")
+        raise UserError("hd95 needs two non-empty masks")
     a, b = surface_distances(pred, gt, spacing)
     return float(np.percentile(np.hstack((a, b)), 95))
 
@@ -95,7 +97,7 @@ def compare_masks(
     """Dice, HD95 and (optionally) NSD of one pair of boolean masks, with the empty-mask policy above."""
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {gt.shape}")
+        raise UserError(f"prediction shape {pred.shape} differs from reference shape {gt.shape}")
     np_, ng = int(pred.sum()), int(gt.sum())
     status = "ok" if np_ and ng else "both_empty" if not (np_ or ng) else "pred_empty" if not np_ else "gt_empty"
     if official:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.layout import Dataset, load_splits
+from ..errors import UserError
 from ..io import read_image, write_image
 from ..io.jsonio import read_json, write_json
 from .model import POSTPROCESSING, run_checkpoint
@@ -28,16 +29,16 @@ def _run_info(run: Path, dataset: Path | None) -> tuple[Path, int, list[str]]:
     cfg = read_json(run / "train_config.json")
     fold = cfg.get("fold") if isinstance(cfg, dict) else None
     if fold == "all":
-        raise ValueError(f"{run}: trained on every case (fold 'all'): it has no validation cases to choose on")
+        raise UserError(f"{run}: trained on every case (fold 'all'): it has no validation cases to choose on")
     if not isinstance(fold, int) or isinstance(fold, bool):
-        raise ValueError(f"{run / 'train_config.json'}: fold must be an integer, got {fold!r}")
+        raise UserError(f"{run / 'train_config.json'}: fold must be an integer, got {fold!r}")
     root = dataset or run.resolve().parent.parent
     if not (root / "dataset.json").is_file():
-        raise ValueError(f"{run}: its dataset is not at {root} (the run folder is not DATASET/results/RUN); "
+        raise UserError(f"{run}: its dataset is not at {root} (the run folder is not DATASET/results/RUN); "
                          "give it with --dataset")
     splits = load_splits(root, create=False)
     if not 0 <= fold < len(splits):
-        raise ValueError(f"{root / 'splits.json'}: fold {fold} of {run} does not exist ({len(splits)} folds)")
+        raise UserError(f"{root / 'splits.json'}: fold {fold} of {run} does not exist ({len(splits)} folds)")
     return root, fold, list(splits[fold]["val"])
 
 
@@ -51,26 +52,26 @@ def find_best(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None =
     """
     runs = [Path(r) for r in runs]
     if not runs:
-        raise ValueError("find-best: give at least one run folder")
+        raise UserError("find-best: give at least one run folder")
     dataset = Path(dataset) if dataset else None
     infos = [_run_info(r, dataset) for r in runs]
     roots = {info[0].resolve() for info in infos}
     if len(roots) > 1:
-        raise ValueError(f"the runs come from different datasets ({', '.join(map(str, sorted(roots)))})")
+        raise UserError(f"the runs come from different datasets ({', '.join(map(str, sorted(roots)))})")
     root = infos[0][0]
     folds = [info[1] for info in infos]
     if len(set(folds)) < len(folds):
-        raise ValueError(f"two runs validate fold {max(set(folds), key=folds.count)}; give one run per fold")
+        raise UserError(f"two runs validate fold {max(set(folds), key=folds.count)}; give one run per fold")
     ds = Dataset.open(root)
     classes = sorted(v for v in ds.labels.values() if v > 0)
     if not classes:
-        raise ValueError(f"{root / 'dataset.json'}: no foreground label to score")
+        raise UserError(f"{root / 'dataset.json'}: no foreground label to score")
     for run in runs:
         plans = run / "plans.json"
         if plans.is_file():
             theirs = read_json(plans).get("labels")
             if theirs != ds.labels:
-                raise ValueError(f"{plans}: the run predicts labels {theirs}, the dataset at {root} has {ds.labels}")
+                raise UserError(f"{plans}: the run predicts labels {theirs}, the dataset at {root} has {ds.labels}")
     names = {v: k for k, v in ds.labels.items()}
     ending = ds.file_ending
     pairs: list[tuple[str, Path, Path]] = []
@@ -94,12 +95,12 @@ def find_best(runs: Sequence[str | os.PathLike], out: str | os.PathLike | None =
         for n, ref, pred in pairs:
             r, p = read_image(ref)[0], read_image(pred)[0]
             if p.dtype.kind not in "iub":
-                raise ValueError(f"{pred}: a prediction must hold integer labels, got {p.dtype}")
+                raise UserError(f"{pred}: a prediction must hold integer labels, got {p.dtype}")
             bad = np.setdiff1d(np.unique(p), allowed)
             if bad.size:
-                raise ValueError(f"{pred}: labels {bad[:5].tolist()} are not the dataset's {allowed.tolist()}")
+                raise UserError(f"{pred}: labels {bad[:5].tolist()} are not the dataset's {allowed.tolist()}")
             if r.shape != p.shape:
-                raise ValueError(f"{pred}: shape {p.shape} differs from the reference's {r.shape} ({ref})")
+                raise UserError(f"{pred}: shape {p.shape} differs from the reference's {r.shape} ({ref})")
             yield n, r, p
 
     post, cv = choose_postprocessing(arrays(), classes, log=log)

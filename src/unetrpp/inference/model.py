@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..data.plans import Plans
+from ..errors import UserError
 
 FORMAT = "unetrpp-model"
 VERSION = 1
@@ -120,18 +121,18 @@ def _read_limited(zf: zipfile.ZipFile, name: str, limit: int, source: str) -> by
     try:
         info = zf.getinfo(name)
     except KeyError:
-        raise ValueError(f"{source}: the package lacks {name}") from None
+        raise UserError(f"{source}: the package lacks {name}") from None
     if info.file_size > limit:
-        raise ValueError(f"{source}: {name} claims {info.file_size} bytes, more than the {limit} allowed")
+        raise UserError(f"{source}: {name} claims {info.file_size} bytes, more than the {limit} allowed")
     from ..checkpoint import inflates
 
     if inflates(info):
-        raise ValueError(f"{source}: {name} expands from {info.compress_size} to {info.file_size} bytes "
+        raise UserError(f"{source}: {name} expands from {info.compress_size} to {info.file_size} bytes "
                          "(a zip bomb?); refused")
     with zf.open(info) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{source}: {name} unpacks to more than its declared size")
+        raise UserError(f"{source}: {name} unpacks to more than its declared size")
     return data
 
 
@@ -151,17 +152,17 @@ def read_package(path: str | os.PathLike) -> Model:
             def read(name: str, limit: int) -> bytes:
                 f = path / name
                 if not f.is_file():
-                    raise ValueError(f"{source}: the package lacks {name}")
+                    raise UserError(f"{source}: the package lacks {name}")
                 if f.is_symlink() and path.resolve() not in f.resolve().parents:
-                    raise ValueError(f"{f}: a link out of the package; refused")
+                    raise UserError(f"{f}: a link out of the package; refused")
                 if f.stat().st_size > limit:
-                    raise ValueError(f"{f}: {f.stat().st_size} bytes, more than the {limit} allowed")
+                    raise UserError(f"{f}: {f.stat().st_size} bytes, more than the {limit} allowed")
                 return f.read_bytes()
         else:
             try:
                 zf = zipfile.ZipFile(path)
             except zipfile.BadZipFile:
-                raise ValueError(f"{source}: not a model package (neither a zip file nor a folder with "
+                raise UserError(f"{source}: not a model package (neither a zip file nor a folder with "
                                  f"{MANIFEST})") from None
 
             def read(name: str, limit: int) -> bytes:
@@ -170,54 +171,54 @@ def read_package(path: str | os.PathLike) -> Model:
         try:
             manifest = json.loads(read(MANIFEST, MAX_MANIFEST_BYTES))
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-            raise ValueError(f"{source}: {MANIFEST} is not valid JSON ({str(e).splitlines()[0][:160]})") from None
+            raise UserError(f"{source}: {MANIFEST} is not valid JSON ({str(e).splitlines()[0][:160]})") from None
         except RecursionError:
-            raise ValueError(f"{source}: {MANIFEST} nested too deeply to read") from None
+            raise UserError(f"{source}: {MANIFEST} nested too deeply to read") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{source}: {MANIFEST} is not a unetrpp model manifest")
+            raise UserError(f"{source}: {MANIFEST} is not a unetrpp model manifest")
         version = manifest.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ValueError(f"{source}: model version must be a positive integer, got {version!r}")
+            raise UserError(f"{source}: model version must be a positive integer, got {version!r}")
         if version > VERSION:
-            raise ValueError(f"{source}: model format {version} is newer than this unetrpp ({VERSION})")
+            raise UserError(f"{source}: model format {version} is newer than this unetrpp ({VERSION})")
         labels = _labels(manifest.get("labels"), source)
         channels = manifest.get("channel_names")
         if not (isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)):
-            raise ValueError(f"{source}: channel_names must be a non-empty list of names")
+            raise UserError(f"{source}: channel_names must be a non-empty list of names")
         entries = manifest.get("members")
         if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
-            raise ValueError(f"{source}: members must be a non-empty list")
+            raise UserError(f"{source}: members must be a non-empty list")
         if len(entries) > MAX_MEMBERS:
-            raise ValueError(f"{source}: {len(entries)} member networks, more than the {MAX_MEMBERS} allowed")
+            raise UserError(f"{source}: {len(entries)} member networks, more than the {MAX_MEMBERS} allowed")
         budget = available_memory() or (1 << 62)
         members = []
         for i, entry in enumerate(entries):
             where = f"{source}: member {i}"
             weights = entry.get("weights")
             if not (isinstance(weights, str) and _MEMBER_FILE.match(weights)):
-                raise ValueError(f"{where}: weights must name a .safetensors file inside the package, got {weights!r}")
+                raise UserError(f"{where}: weights must name a .safetensors file inside the package, got {weights!r}")
             for key in ("model_config", "plans"):
                 if not isinstance(entry.get(key), dict):
-                    raise ValueError(f"{where}: {key} must be an object")
+                    raise UserError(f"{where}: {key} must be an object")
             # the weights the config implies, known before a byte of them is read or a tensor made
             expected = expected_state(entry["model_config"], where)
             size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
             if size > budget:
-                raise ValueError(f"{where}: its network needs {size / 1e9:.1f} GB, more than the "
+                raise UserError(f"{where}: its network needs {size / 1e9:.1f} GB, more than the "
                                  f"{budget / 1e9:.1f} GB of memory left")
             try:
                 state = load_bytes(read(weights, size + (1 << 20)))  # the data, and a header of its names
             except SafetensorError as e:
-                raise ValueError(f"{where}: {weights} is not a readable safetensors file ({e})") from None
+                raise UserError(f"{where}: {weights} is not a readable safetensors file ({e})") from None
             for key, t in state.items():
                 want = expected.get(key)
                 if want is not None and (tuple(t.shape) != want[0] or t.dtype.is_floating_point !=
                                          want[1].is_floating_point or t.dtype == torch.bool):
-                    raise ValueError(f"{where}: {weights}: {key!r} is {t.dtype} {tuple(t.shape)}, the network "
+                    raise UserError(f"{where}: {weights}: {key!r} is {t.dtype} {tuple(t.shape)}, the network "
                                      f"takes {want[1]} {want[0]}")
             digest = entry.get("weights_sha256")
             if digest is not None and digest != tensors_digest(state):
-                raise ValueError(f"{where}: {weights} does not match its checksum (damaged or edited)")
+                raise UserError(f"{where}: {weights} does not match its checksum (damaged or edited)")
             network = build_model({"model_config": entry["model_config"], "state_dict": state}, source=f"{where}")
             plans = Plans.coerce(entry["plans"], f"{where}: plans")
             name = entry.get("name") if isinstance(entry.get("name"), str) else f"member{i}"
@@ -238,7 +239,7 @@ def read_package(path: str | os.PathLike) -> Model:
         _check_members(model)
         return model
     except zipfile.BadZipFile as e:
-        raise ValueError(f"{source}: damaged zip file ({e})") from None
+        raise UserError(f"{source}: damaged zip file ({e})") from None
     finally:
         if zf is not None:
             zf.close()
@@ -270,12 +271,12 @@ def expected_state(config: dict, source: str) -> dict[str, tuple[tuple[int, ...]
 
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(UNETRPPConfig)})
     if unknown:
-        raise ValueError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))}")
+        raise UserError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))}")
     try:
         with torch.device("meta"):
             net = UNETRPP(**config)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{source}: model_config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"{source}: model_config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
@@ -283,10 +284,10 @@ def _labels(labels, source: str) -> dict[str, int]:
     if not (isinstance(labels, dict) and labels and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 32768
             for k, v in labels.items())):
-        raise ValueError(f"{source}: labels must map names to integers 0..32767")
+        raise UserError(f"{source}: labels must map names to integers 0..32767")
     values = sorted(labels.values())
     if len(set(values)) != len(values) or values[0] != 0:
-        raise ValueError(f"{source}: labels must give each class one value, background 0, got {values}")
+        raise UserError(f"{source}: labels must give each class one value, background 0, got {values}")
     return dict(labels)
 
 
@@ -295,19 +296,19 @@ def _check_members(model: Model) -> None:
     for m in model.members:
         cfg = m.network.config
         if int(cfg.in_channels) != len(model.channel_names):
-            raise ValueError(f"{m.source}: takes {cfg.in_channels} channel(s), the model names "
+            raise UserError(f"{m.source}: takes {cfg.in_channels} channel(s), the model names "
                              f"{len(model.channel_names)}")
         if int(cfg.out_channels) != int(first.network.config.out_channels):
-            raise ValueError(f"{m.source}: predicts {cfg.out_channels} classes, {first.source} predicts "
+            raise UserError(f"{m.source}: predicts {cfg.out_channels} classes, {first.source} predicts "
                              f"{first.network.config.out_channels}; an ensemble needs one label set")
         if m.plans.channel_names != first.plans.channel_names:
-            raise ValueError(f"{m.source}: channels {m.plans.channel_names} differ from {first.source}'s "
+            raise UserError(f"{m.source}: channels {m.plans.channel_names} differ from {first.source}'s "
                              f"{first.plans.channel_names}")
         if list(m.plans.channel_names) != list(model.channel_names):
-            raise ValueError(f"{m.source}: its plans name the channels {m.plans.channel_names}, the model "
+            raise UserError(f"{m.source}: its plans name the channels {m.plans.channel_names}, the model "
                              f"{model.channel_names}")
     if max(model.labels.values()) + 1 != model.num_classes:
-        raise ValueError(f"{model.source}: {model.num_classes} output classes but labels up to "
+        raise UserError(f"{model.source}: {model.num_classes} output classes but labels up to "
                          f"{max(model.labels.values())}")
 
 
@@ -324,12 +325,12 @@ def load_model(sources: str | os.PathLike | Sequence[str | os.PathLike],
         sources = [sources]
     sources = [Path(s) for s in sources]
     if not sources:
-        raise ValueError("no model given")
+        raise UserError("no model given")
     seen: dict[Path, Path] = {}
     for s in sources:
         key = s.resolve()
         if key in seen:
-            raise ValueError(f"{s}: given twice (also as {seen[key]}); an ensemble takes each model once")
+            raise UserError(f"{s}: given twice (also as {seen[key]}); an ensemble takes each model once")
         seen[key] = s
     members: list[Member] = []
     labels = channels = None
@@ -354,10 +355,10 @@ def load_model(sources: str | os.PathLike | Sequence[str | os.PathLike],
         if labels is None:
             labels, channels = lab, ch
         elif lab != labels:
-            raise ValueError(f"{s}: labels {lab} differ from {sources[0]}'s {labels}; an ensemble needs one label set")
+            raise UserError(f"{s}: labels {lab} differ from {sources[0]}'s {labels}; an ensemble needs one label set")
         members += got
         if len(members) > MAX_MEMBERS:
-            raise ValueError(f"{s}: more than {MAX_MEMBERS} member networks in all")
+            raise UserError(f"{s}: more than {MAX_MEMBERS} member networks in all")
     name = str(sources[0]) if len(sources) == 1 else f"{len(members)} members ({', '.join(map(str, sources))})"
     if runs and len(runs) == len(sources):
         post, evaluation = _postprocessing_beside(runs, labels)
@@ -394,12 +395,12 @@ def check_package_target(target: str | os.PathLike, inputs: Sequence[str | os.Pa
     target = Path(target)
     for s in inputs:
         if s is not None and Path(s).exists() and Path(s).resolve() == target.resolve():
-            raise ValueError(f"{target}: the package to write is one of the inputs")
+            raise UserError(f"{target}: the package to write is one of the inputs")
     if target.exists() or target.is_symlink():
         if not overwrite:
-            raise ValueError(f"{target}: exists; --overwrite to replace it")
+            raise UserError(f"{target}: exists; --overwrite to replace it")
         if not _holds_manifest(target) and not (target.is_dir() and not any(target.iterdir())):
-            raise ValueError(f"{target}: exists and is not a model package; give a new name")
+            raise UserError(f"{target}: exists and is not a model package; give a new name")
     return target
 
 
@@ -468,7 +469,7 @@ def write_package(path: str | os.PathLike, members: Sequence[tuple[str, dict, di
         old = None
         if path.exists():
             if not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
-                raise ValueError(f"{path}: exists and is not a model package; give a new name")
+                raise UserError(f"{path}: exists and is not a model package; give a new name")
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmpdir, path)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..data.plans import Plans
+from ..errors import UserError
 
 #: a plans pickle is kilobytes to a few megabytes; anything far larger is not one
 MAX_PICKLE_BYTES = 256 << 20
@@ -165,20 +166,20 @@ def safe_unpickle(path: str | os.PathLike):
         raise FileNotFoundError(f"{path}: no such file")
     size = path.stat().st_size
     if size > MAX_PICKLE_BYTES:
-        raise ValueError(f"{path}: {size} bytes, far more than an nnU-Net plans pickle ({MAX_PICKLE_BYTES} at most)")
+        raise UserError(f"{path}: {size} bytes, far more than an nnU-Net plans pickle ({MAX_PICKLE_BYTES} at most)")
     data = path.read_bytes()
     try:
         return SafeUnpickler(io.BytesIO(data)).load()
     except RefusedGlobal as e:
-        raise ValueError(f"{path}: refused to unpickle: it references the global {e.name}, which could run code "
+        raise UserError(f"{path}: refused to unpickle: it references the global {e.name}, which could run code "
                          "(only plain containers and numpy arrays are read; nothing was executed)") from None
     except RecursionError:
-        raise ValueError(f"{path}: pickle nested too deeply to read") from None
+        raise UserError(f"{path}: pickle nested too deeply to read") from None
     except MemoryError:
-        raise ValueError(f"{path}: not a readable pickle (it asks for more memory than there is)") from None
+        raise UserError(f"{path}: not a readable pickle (it asks for more memory than there is)") from None
     except Exception as e:  # random bytes raise UnpicklingError, EOFError, ValueError, KeyError, IndexError, ...
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable pickle (damaged or another kind of file: {why})") from None
+        raise UserError(f"{path}: not a readable pickle (damaged or another kind of file: {why})") from None
 
 
 # ---------------------------------------------------------------------- reading the .model safely
@@ -202,7 +203,7 @@ def _count(state: dict, pattern: str) -> int:
 
 def _need(state: dict, key: str, source: str) -> torch.Tensor:
     if key not in state:
-        raise ValueError(f"{source}: not an official UNETR++ state_dict (no {key!r})")
+        raise UserError(f"{source}: not an official UNETR++ state_dict (no {key!r})")
     return state[key]
 
 
@@ -219,11 +220,11 @@ def infer_official_config(state: dict[str, torch.Tensor], patch_size, source: st
     enc1 = _need(state, "encoder1.conv1.conv.weight", source)
     head = _need(state, "out1.conv.conv.weight", source)
     if stem.ndim != 5 or enc1.ndim != 5 or head.ndim != 5:
-        raise ValueError(f"{source}: not a 3D official UNETR++ state_dict (stem weight {tuple(stem.shape)})")
+        raise UserError(f"{source}: not a 3D official UNETR++ state_dict (stem weight {tuple(stem.shape)})")
     depths = [_count(state, rf"unetr_pp_encoder\.stages\.{s}\.(\d+)\.gamma") for s in range(4)]
     decoder_depths = [_count(state, rf"decoder{d}\.decoder_block\.0\.(\d+)\.gamma") for d in (5, 4, 3)]
     if not all(depths) or not all(decoder_depths):
-        raise ValueError(f"{source}: not an official UNETR++ state_dict (encoder depths {depths}, decoder depths "
+        raise UserError(f"{source}: not an official UNETR++ state_dict (encoder depths {depths}, decoder depths "
                          f"{decoder_depths})")
     block0 = "unetr_pp_encoder.stages.0.0.epa_block."
     if f"{block0}EF" in state:
@@ -257,13 +258,13 @@ def infer_official_config(state: dict[str, torch.Tensor], patch_size, source: st
     patch = tuple(int(p) for p in patch_size)
     grid = [p // s for p, s in zip(patch, kw["stem_stride"], strict=True)]
     if int(np.prod(grid)) != tokens or any(p % s for p, s in zip(patch, kw["stem_stride"], strict=True)):
-        raise ValueError(f"{source}: the weights hold {tokens} first-stage tokens (stem stride "
+        raise UserError(f"{source}: the weights hold {tokens} first-stage tokens (stem stride "
                          f"{kw['stem_stride']}), which patch size {patch} does not give; pass the training patch "
                          "with --patch-size Z Y X")
     try:
         cfg = UNETRPPConfig(img_size=patch, **kw)
     except ValueError as e:
-        raise ValueError(f"{source}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{source}: {str(e).splitlines()[0]}") from None
     return cfg, (preset.name if preset else None)
 
 
@@ -279,16 +280,16 @@ def _item(d, key, source: str, what: str = "plans"):
                 return d[k]
     elif isinstance(d, (list, tuple)) and isinstance(key, int) and 0 <= key < len(d):
         return d[key]
-    raise ValueError(f"{source}: {what} lack an entry {key!r}")
+    raise UserError(f"{source}: {what} lack an entry {key!r}")
 
 
 def _number(v, name: str, source: str) -> float:
     try:
         out = float(np.asarray(v).item())
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {name} must be a number, got {v!r}") from None
+        raise UserError(f"{source}: {name} must be a number, got {v!r}") from None
     if not np.isfinite(out):
-        raise ValueError(f"{source}: {name} must be finite, got {out}")
+        raise UserError(f"{source}: {name} must be finite, got {out}")
     return out
 
 
@@ -296,11 +297,11 @@ def _triple(v, name: str, source: str, cast=float) -> list:
     try:
         arr = np.asarray(v, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {name} must be 3 numbers, got {v!r}") from None
+        raise UserError(f"{source}: {name} must be 3 numbers, got {v!r}") from None
     if arr.size != 3 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(f"{source}: {name} must be 3 positive numbers (a 3D plan), got {v!r}")
+        raise UserError(f"{source}: {name} must be 3 positive numbers (a 3D plan), got {v!r}")
     if cast is int and np.any(arr != np.round(arr)):
-        raise ValueError(f"{source}: {name} must be 3 integers, got {v!r}")
+        raise UserError(f"{source}: {name} must be 3 integers, got {v!r}")
     return [cast(x) for x in arr]
 
 
@@ -310,9 +311,9 @@ def _permutation(v, name: str, source: str) -> list[int] | None:
     try:
         order = [int(x) for x in np.asarray(v).reshape(-1)]
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {name} must be a permutation of 0, 1, 2, got {v!r}") from None
+        raise UserError(f"{source}: {name} must be a permutation of 0, 1, 2, got {v!r}") from None
     if sorted(order) != [0, 1, 2]:
-        raise ValueError(f"{source}: {name} must be a permutation of 0, 1, 2, got {v!r}")
+        raise UserError(f"{source}: {name} must be a permutation of 0, 1, 2, got {v!r}")
     return order
 
 
@@ -323,7 +324,7 @@ def _labels_from_json(path: str | os.PathLike, num_classes: int) -> dict[str, in
     meta = read_json(path)
     raw = meta.get("labels") if isinstance(meta, dict) else None
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: no 'labels' object (names of the classes) in it")
+        raise UserError(f"{path}: no 'labels' object (names of the classes) in it")
     labels: dict[str, int] = {}
     for k, v in raw.items():
         if isinstance(v, int) and not isinstance(v, bool):
@@ -331,12 +332,12 @@ def _labels_from_json(path: str | os.PathLike, num_classes: int) -> dict[str, in
         elif isinstance(v, str) and re.fullmatch(r"\d+", str(k)):
             name, value = v, int(k)  # v1: "value" -> name
         else:
-            raise ValueError(f"{path}: labels entry {k!r}: {v!r} is neither 'name': value nor 'value': 'name'")
+            raise UserError(f"{path}: labels entry {k!r}: {v!r} is neither 'name': value nor 'value': 'name'")
         if name in labels:
-            raise ValueError(f"{path}: the label name {name!r} is used twice")
+            raise UserError(f"{path}: the label name {name!r} is used twice")
         labels[name] = value
     if sorted(labels.values()) != list(range(num_classes)):
-        raise ValueError(f"{path}: labels {sorted(labels.values())} are not the network's classes "
+        raise UserError(f"{path}: labels {sorted(labels.values())} are not the network's classes "
                          f"0..{num_classes - 1}")
     return labels
 
@@ -356,7 +357,7 @@ def _stage_of(plans: dict, info: dict, stage: int | None, source: str) -> tuple[
     if isinstance(stages, (list, tuple)):
         stages = dict(enumerate(stages))
     if not isinstance(stages, dict) or not stages:
-        raise ValueError(f"{source}: plans lack 'plans_per_stage'")
+        raise UserError(f"{source}: plans lack 'plans_per_stage'")
     keys = sorted(int(k) for k in stages if isinstance(k, (int, np.integer, str)) and str(k).isdigit())
     if stage is None:
         init = info.get("init")
@@ -366,10 +367,10 @@ def _stage_of(plans: dict, info: dict, stage: int | None, source: str) -> tuple[
         else:
             stage = keys[-1] if keys else 0  # the full-resolution stage is the last
     if stage not in keys:
-        raise ValueError(f"{source}: the plans have no stage {stage} (stages: {keys}); choose one with --stage")
+        raise UserError(f"{source}: the plans have no stage {stage} (stages: {keys}); choose one with --stage")
     entry = _item(stages, stage, source, "plans_per_stage")
     if not isinstance(entry, dict):
-        raise ValueError(f"{source}: plans_per_stage[{stage}] is not a dict")
+        raise UserError(f"{source}: plans_per_stage[{stage}] is not a dict")
     return stage, entry
 
 
@@ -385,12 +386,12 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
     """
     plans = info.get("plans") if "plans" in info else info
     if not isinstance(plans, dict):
-        raise ValueError(f"{source}: 'plans' is a {type(plans).__name__}, not nnU-Net v1 plans")
+        raise UserError(f"{source}: 'plans' is a {type(plans).__name__}, not nnU-Net v1 plans")
     stage, sp = _stage_of(plans, info, stage, source)
     where = f"{source}: plans_per_stage[{stage}]"
     for key in ("current_spacing", "patch_size"):
         if key not in sp:
-            raise ValueError(f"{where} lacks {key!r}")
+            raise UserError(f"{where} lacks {key!r}")
     spacing = _triple(sp["current_spacing"], "current_spacing", where)
     patch_from_plans = _triple(sp["patch_size"], "patch_size", where, int)
     patch = _triple(patch_size, "--patch-size", "import-official", int) if patch_size is not None \
@@ -400,19 +401,19 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
     forward = _permutation(plans.get("transpose_forward"), "transpose_forward", source)
     backward = _permutation(plans.get("transpose_backward"), "transpose_backward", source)
     if forward is not None and backward is not None and list(np.argsort(forward)) != backward:
-        raise ValueError(f"{source}: transpose_backward {backward} does not undo transpose_forward {forward}")
+        raise UserError(f"{source}: transpose_backward {backward} does not undo transpose_forward {forward}")
     if forward == [0, 1, 2]:
         forward = None
 
     modalities = plans.get("modalities")
     n = cfg.in_channels
     if isinstance(modalities, dict) and len(modalities) != n:
-        raise ValueError(f"{source}: the plans name {len(modalities)} modalities, the weights take {n} channel(s)")
+        raise UserError(f"{source}: the plans name {len(modalities)} modalities, the weights take {n} channel(s)")
     channels = [str(_item(modalities, c, source, "modalities")) if isinstance(modalities, dict) else f"channel_{c}"
                 for c in range(n)]
     schemes = plans.get("normalization_schemes")
     if not isinstance(schemes, dict):
-        raise ValueError(f"{source}: plans lack 'normalization_schemes'")
+        raise UserError(f"{source}: plans lack 'normalization_schemes'")
     masks = plans.get("use_mask_for_norm") or {}
     if isinstance(masks, (bool, np.bool_)):  # one flag for every channel
         masks = dict.fromkeys(range(n), bool(masks))
@@ -424,21 +425,21 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
         use_mask = bool(_item(masks, c, source, "use_mask_for_norm")) if masks else False
         if scheme == "CT":
             if use_mask:
-                raise ValueError(f"{source}: channel {c} is CT-normalised inside the nonzero mask "
+                raise UserError(f"{source}: channel {c} is CT-normalised inside the nonzero mask "
                                  "(use_mask_for_norm), which unetrpp does not reproduce")
             st = _item(intensity, c, source, "dataset_properties['intensityproperties']")
             if not isinstance(st, dict):
-                raise ValueError(f"{source}: intensityproperties of channel {c} is not a dict")
+                raise UserError(f"{source}: intensityproperties of channel {c} is not a dict")
             here = f"{source}: intensityproperties[{c}]"
             lo, hi = (_number(_item(st, k, here, "intensity properties"), k, here)
                       for k in ("percentile_00_5", "percentile_99_5"))
             mean = _number(_item(st, "mean", here, "intensity properties"), "mean", here)
             sd = _number(_item(st, "sd", here, "intensity properties"), "sd", here)
             if lo > hi or sd <= 0:
-                raise ValueError(f"{here}: percentiles {lo}..{hi} and sd {sd} are not a usable CT normalisation")
+                raise UserError(f"{here}: percentiles {lo}..{hi} and sd {sd} are not a usable CT normalisation")
             normalization.append({"channel": name, "scheme": "ct", "clip": [lo, hi], "mean": mean, "std": sd})
         elif scheme == "CT2":
-            raise ValueError(f"{source}: channel {c} uses nnU-Net's CT2 normalisation (per-image statistics inside "
+            raise UserError(f"{source}: channel {c} uses nnU-Net's CT2 normalisation (per-image statistics inside "
                              "the clip range), which unetrpp does not reproduce")
         elif scheme == "noNorm":
             normalization.append({"channel": name, "scheme": "none"})
@@ -446,21 +447,21 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
             normalization.append({"channel": name, "scheme": "zscore", "use_nonzero_mask": use_mask})
     preprocessor = plans.get("preprocessor_name") or "GenericPreprocessor"
     if not isinstance(preprocessor, str) or preprocessor not in _PREPROCESSORS:
-        raise ValueError(f"{source}: preprocessor {preprocessor!r} is not reproduced by unetrpp "
+        raise UserError(f"{source}: preprocessor {preprocessor!r} is not reproduced by unetrpp "
                          f"(supported: {', '.join(_PREPROCESSORS)})")
 
     k = cfg.out_channels
     if plans.get("num_classes") is not None and int(plans["num_classes"]) + 1 != k:
-        raise ValueError(f"{source}: the plans have {int(plans['num_classes'])} foreground classes, the weights "
+        raise UserError(f"{source}: the plans have {int(plans['num_classes'])} foreground classes, the weights "
                          f"predict {k} channels (background included)")
     all_classes = plans.get("all_classes")
     if all_classes is not None:
         try:
             listed = sorted(int(v) for v in np.asarray(all_classes).reshape(-1))
         except (TypeError, ValueError):
-            raise ValueError(f"{source}: all_classes must be integers, got {all_classes!r}") from None
+            raise UserError(f"{source}: all_classes must be integers, got {all_classes!r}") from None
         if listed != list(range(1, k)):
-            raise ValueError(f"{source}: all_classes {listed} are not the network's foreground classes 1..{k - 1}")
+            raise UserError(f"{source}: all_classes {listed} are not the network's foreground classes 1..{k - 1}")
     labels = _labels_from_json(labels_json, k) if labels_json is not None else _default_labels(preset, k)
 
     init = info.get("init") if isinstance(info.get("init"), (list, tuple)) else ()
@@ -502,7 +503,7 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
         d["transpose_forward"] = forward
     out = Plans.from_dict(d, f"{source}: converted plans")
     if forward is not None and getattr(out, "transpose_forward", None) != forward:
-        raise ValueError(f"{source}: the plans transpose the axes by {forward} (nnU-Net v1 transpose_forward), "
+        raise UserError(f"{source}: the plans transpose the axes by {forward} (nnU-Net v1 transpose_forward), "
                          "which this unetrpp cannot reproduce")
     notes = {"stage": stage, "fold": fold, "trainer": info.get("name"), "trainer_class": info.get("class"),
              "preset": preset, "patch_from_plans": patch_from_plans}
@@ -552,7 +553,7 @@ def import_official(model_file: str | os.PathLike, pkl_file: str | os.PathLike |
     info = safe_unpickle(pkl_file)
     if not isinstance(info, dict) or not (isinstance(info.get("plans"), dict) or "plans_per_stage" in info):
         kind = type(info).__name__ if not isinstance(info, dict) else "a dict without 'plans'"
-        raise ValueError(f"{pkl_file}: not nnU-Net v1 checkpoint info (a dict with 'plans'), got {kind}")
+        raise UserError(f"{pkl_file}: not nnU-Net v1 checkpoint info (a dict with 'plans'), got {kind}")
     ckpt = read_official_checkpoint(model_file)
     state = extract_state_dict(ckpt, str(model_file))
     try:
@@ -560,7 +561,7 @@ def import_official(model_file: str | os.PathLike, pkl_file: str | os.PathLike |
                                      labels_json=labels_json, weights_source=str(model_file))
     except (TypeError, AttributeError, KeyError, IndexError) as e:  # a value of an unexpected type somewhere
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        raise ValueError(f"{pkl_file}: not laid out like nnU-Net v1 plans ({type(e).__name__}: {why})") from None
+        raise UserError(f"{pkl_file}: not laid out like nnU-Net v1 plans ({type(e).__name__}: {why})") from None
     cfg = plans.network_config()
     network = UNETRPP(**cfg.to_dict())
     network.load_state_dict(convert_official_state_dict(state, network, str(model_file)), strict=True)

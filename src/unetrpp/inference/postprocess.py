@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 FORMAT = "unetrpp-postprocessing"
 VERSION = 1
 
@@ -66,20 +68,20 @@ def describe(post: dict) -> str:
 def check_postprocessing(post, source: str, labels: dict[str, int] | None = None) -> dict:
     """Validate a postprocessing description; a one-line ``ValueError`` naming ``source`` otherwise."""
     if not isinstance(post, dict) or post.get("format") != FORMAT:
-        raise ValueError(f"{source}: not a unetrpp postprocessing description (format {FORMAT!r})")
+        raise UserError(f"{source}: not a unetrpp postprocessing description (format {FORMAT!r})")
     version = post.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version > VERSION or version < 1:
-        raise ValueError(f"{source}: unsupported postprocessing version {version!r}")
+        raise UserError(f"{source}: unsupported postprocessing version {version!r}")
     if not isinstance(post.get("foreground_as_one", False), bool):
-        raise ValueError(f"{source}: foreground_as_one must be true or false")
+        raise UserError(f"{source}: foreground_as_one must be true or false")
     classes = post.get("largest_component", [])
     if not (isinstance(classes, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in classes)):
-        raise ValueError(f"{source}: largest_component must be a list of class values")
+        raise UserError(f"{source}: largest_component must be a list of class values")
     if labels is not None:
         known = {int(v) for v in labels.values() if int(v) > 0}
         bad = [c for c in classes if c not in known]
         if bad:
-            raise ValueError(f"{source}: largest_component names classes {bad} the model does not predict")
+            raise UserError(f"{source}: largest_component names classes {bad} the model does not predict")
     for key, kind, item in (("runs", list, str), ("decisions", list, str), ("class_names", dict, str),
                             ("cross_validation", dict, None)):
         value = post.get(key)
@@ -87,7 +89,7 @@ def check_postprocessing(post, source: str, labels: dict[str, int] | None = None
             continue
         if not isinstance(value, kind) or (item is not None and not all(
                 isinstance(v, item) for v in (value.values() if isinstance(value, dict) else value))):
-            raise ValueError(f"{source}: {key} must be a {kind.__name__}" + (f" of {item.__name__}s" if item else ""))
+            raise UserError(f"{source}: {key} must be a {kind.__name__}" + (f" of {item.__name__}s" if item else ""))
     cv = post.get("cross_validation")
     if cv is not None:
         check_cross_validation(cv, source)
@@ -97,16 +99,16 @@ def check_postprocessing(post, source: str, labels: dict[str, int] | None = None
 def check_cross_validation(cv, source: str) -> dict:
     """The cross-validation summary's numbers must be numbers (or null), its per-class maps objects."""
     if not isinstance(cv, dict):
-        raise ValueError(f"{source}: cross_validation must be an object")
+        raise UserError(f"{source}: cross_validation must be an object")
     for key in ("mean_dice_before", "mean_dice_after", "cases"):
         v = cv.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise ValueError(f"{source}: cross_validation {key} must be a number, got {v!r}")
+            raise UserError(f"{source}: cross_validation {key} must be a number, got {v!r}")
     for key in ("dice_before", "dice_after"):
         v = cv.get(key)
         if v is not None and not (isinstance(v, dict) and all(
                 x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v.values())):
-            raise ValueError(f"{source}: cross_validation {key} must map classes to numbers")
+            raise UserError(f"{source}: cross_validation {key} must map classes to numbers")
     return cv
 
 
@@ -140,7 +142,7 @@ def choose_postprocessing(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], c
     fg_changed = False
     for case, ref, pred in pairs:
         if ref.shape != pred.shape:
-            raise ValueError(f"{case}: prediction shape {pred.shape} differs from the reference's {ref.shape}")
+            raise UserError(f"{case}: prediction shape {pred.shape} differs from the reference's {ref.shape}")
         fg = apply_postprocessing(pred, {"foreground_as_one": True})
         fg_changed |= fg is not pred
         scores = {"raw": _dice(pred, ref, classes), "fg": _dice(fg, ref, classes),
@@ -154,7 +156,7 @@ def choose_postprocessing(pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], c
                 scores[name][c] = _dice(np.where(mask & ~keep, 0, base), ref, [c])[c]
         per_case[case] = scores
     if not per_case:
-        raise ValueError("no validation predictions to choose postprocessing on")
+        raise UserError("no validation predictions to choose postprocessing on")
     mean = {v: {c: _mean([s[v][c] for s in per_case.values()]) for c in classes} for v in variants}
     decisions = []
 

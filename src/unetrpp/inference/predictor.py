@@ -14,6 +14,7 @@ from ..checkpoint import build_model, load_checkpoint
 from ..data.plans import Plans
 from ..data.preprocess import _undo_args, preprocess_array, untranspose
 from ..data.resample import resample_volume
+from ..errors import UserError
 from ..io import Geometry, read_case
 from .sliding_window import DEFAULT_SHORTCUTS, MIRROR_AXES, Shortcuts, sliding_window_probabilities
 
@@ -32,7 +33,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (this torch build or machine has none)")
+        raise UserError("--device cuda: no CUDA device is available (this torch build or machine has none)")
     return device
 
 
@@ -53,7 +54,7 @@ def restore_label_from_probabilities(probs: torch.Tensor | np.ndarray, props: di
     crop_shape, axis, region = _undo_args(props)
     probs = probs if isinstance(probs, np.ndarray) else probs.detach().cpu().numpy()
     if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
-        raise ValueError(f"probability shape {probs.shape[1:]} is not the preprocessed shape "
+        raise UserError(f"probability shape {probs.shape[1:]} is not the preprocessed shape "
                          f"{props['shape_after_resampling']}")
     k = probs.shape[0]
     dtype = np.uint8 if k <= 256 else np.int16
@@ -141,7 +142,7 @@ class Predictor:
         """Softmax ``(k, z, y, x)`` of a preprocessed ``(c, z, y, x)`` case (float32, on the accumulation device),
         averaged over ``networks`` (default: this predictor's first network)."""
         if data.shape[0] != self.num_channels:
-            raise ValueError(f"the network takes {self.num_channels} channel(s), the image has {data.shape[0]}")
+            raise UserError(f"the network takes {self.num_channels} channel(s), the image has {data.shape[0]}")
         x = torch.from_numpy(np.array(data, dtype=np.float32))
         total = None
         networks = [self.model] if networks is None else list(networks)
@@ -206,14 +207,14 @@ class Predictor:
         if isinstance(image, np.ndarray):
             if geometry is None:
                 if spacing is None:
-                    raise ValueError("an array input needs its voxel spacing (spacing=(z, y, x) in mm) or geometry")
+                    raise UserError("an array input needs its voxel spacing (spacing=(z, y, x) in mm) or geometry")
                 geometry = Geometry.identity(spacing)
             data = image[None] if image.ndim == 3 else image
         else:
             paths = [image] if isinstance(image, (str, os.PathLike)) else list(image)
             data, geometry = read_case([Path(p) for p in paths])
         if data.shape[0] != self.num_channels:
-            raise ValueError(f"the network takes {self.num_channels} channel(s), the input has {data.shape[0]}")
+            raise UserError(f"the network takes {self.num_channels} channel(s), the input has {data.shape[0]}")
         groups: dict[str, list] = {}
         for net, plans in self.members:  # members that preprocess alike share one preprocessed volume
             groups.setdefault(plans.id, [plans]).append(net)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from ..errors import UserError
+
 T = TypeVar("T")
 
 
@@ -56,10 +58,10 @@ def torchrun_env(env: Mapping[str, str] | None = None) -> tuple[int, int, int, i
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
         shown = ", ".join(f"{n}={env[n]!r}" for n in names if n in env)
-        raise ValueError(f"{shown}: torchrun's process variables must be integers") from None
+        raise UserError(f"{shown}: torchrun's process variables must be integers") from None
     if world < 1 or not 0 <= rank < world or local_world < 1 or not 0 <= local < local_world:
         shown = ", ".join(f"{n}={env[n]}" for n in names if n in env)
-        raise ValueError(f"{shown}: inconsistent torchrun process variables (need 0 <= RANK < WORLD_SIZE and "
+        raise UserError(f"{shown}: inconsistent torchrun process variables (need 0 <= RANK < WORLD_SIZE and "
                          "0 <= LOCAL_RANK < LOCAL_WORLD_SIZE)")
     return rank, world, local, local_world
 
@@ -73,16 +75,16 @@ def shard_of(part_id: int | None, num_parts: int | None, env: Mapping[str, str] 
         rank, world, local, local_world = dist
         return Shard(rank, world, local, local_world, torchrun=True, requested=True)
     if dist is not None and dist[1] > 1:
-        raise ValueError(f"--part-id/--num-parts: under torchrun each rank already predicts its share (rank {dist[0]} "
+        raise UserError(f"--part-id/--num-parts: under torchrun each rank already predicts its share (rank {dist[0]} "
                          f"of {dist[1]}); drop them, or run the parts without torchrun")
     if num_parts is None:
-        raise ValueError(f"--part-id {part_id}: needs --num-parts (how many parts the cases are split into)")
+        raise UserError(f"--part-id {part_id}: needs --num-parts (how many parts the cases are split into)")
     if part_id is None:
-        raise ValueError(f"--num-parts {num_parts}: needs --part-id (which part, 0 to {max(num_parts, 1) - 1})")
+        raise UserError(f"--num-parts {num_parts}: needs --part-id (which part, 0 to {max(num_parts, 1) - 1})")
     if num_parts < 1:
-        raise ValueError(f"--num-parts {num_parts}: must be at least 1")
+        raise UserError(f"--num-parts {num_parts}: must be at least 1")
     if not 0 <= part_id < num_parts:
-        raise ValueError(f"--part-id {part_id}: must be 0 to {num_parts - 1} for --num-parts {num_parts}")
+        raise UserError(f"--part-id {part_id}: must be 0 to {num_parts - 1} for --num-parts {num_parts}")
     return Shard(part_id, num_parts, requested=True)
 
 
@@ -96,7 +98,7 @@ def device_for(device: str, shard: Shard) -> str:
         return "cpu" if str(device) == "auto" else device  # resolve_device says that there is no CUDA
     count = torch.cuda.device_count()
     if shard.local_rank >= count:
-        raise ValueError(f"LOCAL_RANK={shard.local_rank}: this machine has {count} CUDA device(s); start at most "
+        raise UserError(f"LOCAL_RANK={shard.local_rank}: this machine has {count} CUDA device(s); start at most "
                          f"{count} process(es) per node (--nproc_per_node), one GPU each")
     return f"cuda:{shard.local_rank}"
 

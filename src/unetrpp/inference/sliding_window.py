@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 MIRROR_AXES = (0, 1, 2)
 
 
@@ -97,9 +99,9 @@ def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -
 def window_starts(size: int, patch: int, step: float) -> list[int]:
     """Start offsets along one axis: ``ceil((S - P) / (step P)) + 1`` positions evenly spaced from 0 to ``S - P``."""
     if size < patch:
-        raise ValueError(f"axis of size {size} is smaller than the patch {patch}; pad first")
+        raise UserError(f"axis of size {size} is smaller than the patch {patch}; pad first")
     if not 0 < step <= 1:
-        raise ValueError(f"step must be in (0, 1], got {step}")
+        raise UserError(f"step must be in (0, 1], got {step}")
     n = math.ceil((size - patch) / (step * patch)) + 1
     if n == 1:
         return [0]
@@ -131,9 +133,9 @@ def autocast_for(device: torch.device, amp: str) -> object:
     if amp == "off":
         return nullcontext()
     if amp not in ("bf16", "fp16"):
-        raise ValueError(f"amp must be off, bf16 or fp16, got {amp!r}")
+        raise UserError(f"amp must be off, bf16 or fp16, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs a CUDA device; use --amp bf16 or off on CPU")
+        raise UserError("fp16 autocast needs a CUDA device; use --amp bf16 or off on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
@@ -170,7 +172,7 @@ def sliding_window_probabilities(
     patch = tuple(int(p) for p in patch_size)
     image = torch.as_tensor(image)
     if image.dim() != 4:
-        raise ValueError(f"image must be (c, z, y, x), got shape {tuple(image.shape)}")
+        raise UserError(f"image must be (c, z, y, x), got shape {tuple(image.shape)}")
     image, region = _pad_to(image.float(), patch)
     shape = tuple(image.shape[1:])
     acc_device = torch.device(accumulate_on) if accumulate_on is not None else device

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .image import FILE_ENDINGS, Geometry, ImageReadError, ImageWriteError, split_ending
 from .jsonio import atomic_write
 
@@ -41,7 +42,7 @@ def require_highdicom():
         import highdicom
         import pydicom
     except ImportError as e:
-        raise ValueError(f"--dicom-seg needs highdicom and pydicom ({e.name} is missing): "
+        raise UserError(f"--dicom-seg needs highdicom and pydicom ({e.name} is missing): "
                          "pip install 'unetrpp[dicom]'") from None
     return highdicom, pydicom
 
@@ -56,12 +57,12 @@ def check_dicom_input(path: str | os.PathLike) -> None:
     if path.is_file():
         ending = split_ending(path)[1]
         kind = _KINDS.get(ending.lower(), "a file, not a DICOM series folder")
-        raise ValueError(f"--dicom-seg needs DICOM input; {path} is {kind}")
+        raise UserError(f"--dicom-seg needs DICOM input; {path} is {kind}")
     if path.is_dir():
         for f in sorted(path.iterdir()):
             ending = split_ending(f.name)[1]
             if not f.name.startswith(".") and f.is_file() and ending in FILE_ENDINGS:
-                raise ValueError(f"--dicom-seg needs DICOM input; {f} is {_KINDS[ending]}")
+                raise UserError(f"--dicom-seg needs DICOM input; {f} is {_KINDS[ending]}")
     require_highdicom()
 
 
@@ -131,7 +132,7 @@ def slice_mapping(datasets: Sequence, geometry: Geometry,
     out, taken = [], {}
     for ds in datasets:
         if int(getattr(ds, "NumberOfFrames", 1) or 1) != 1:
-            raise ValueError(f"instance {ds.SOPInstanceUID}: multi-frame source images are not supported")
+            raise UserError(f"instance {ds.SOPInstanceUID}: multi-frame source images are not supported")
         rows, cols = int(ds.Rows), int(ds.Columns)
         r, c = _orientation(ds)
         row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
@@ -145,13 +146,13 @@ def slice_mapping(datasets: Sequence, geometry: Geometry,
             unit = np.zeros(3)
             unit[axis] = np.sign(step[axis])
             if axis == 2 or np.abs(step - unit).max() > tol:
-                raise ValueError(f"instance {ds.SOPInstanceUID}: its pixel grid is not a slice of the label map's "
+                raise UserError(f"instance {ds.SOPInstanceUID}: its pixel grid is not a slice of the label map's "
                                  f"grid (row step {_fmt(step_row)}, column step {_fmt(step_col)} voxels)")
             axes.append((axis, unit[axis] < 0))
         (axis_r, flip_r), (axis_c, flip_c) = axes
         sizes = (nx, ny)
         if axis_r == axis_c or (sizes[axis_r], sizes[axis_c]) != (rows, cols):
-            raise ValueError(f"instance {ds.SOPInstanceUID}: {rows} x {cols} pixels do not match the label map's "
+            raise UserError(f"instance {ds.SOPInstanceUID}: {rows} x {cols} pixels do not match the label map's "
                              f"{ny} x {nx} slices")
         k = round(float(start[2]))
         expected = np.zeros(3)
@@ -159,14 +160,14 @@ def slice_mapping(datasets: Sequence, geometry: Geometry,
         expected[axis_c] = sizes[axis_c] - 1 if flip_c else 0
         expected[2] = k
         if not 0 <= k < nz or np.abs(start - expected).max() > 0.1:
-            raise ValueError(f"instance {ds.SOPInstanceUID}: its position is voxel {_fmt(start)} of the label map, "
+            raise UserError(f"instance {ds.SOPInstanceUID}: its position is voxel {_fmt(start)} of the label map, "
                              "not the corner of one of its slices")
         if k in taken:
-            raise ValueError(f"instances {taken[k]} and {ds.SOPInstanceUID} both lie on slice {k}")
+            raise UserError(f"instances {taken[k]} and {ds.SOPInstanceUID} both lie on slice {k}")
         taken[k] = ds.SOPInstanceUID
         out.append((k, axis_r == 0, flip_r, flip_c))  # rows along x: the (y, x) slice is transposed
     if len(taken) != nz:
-        raise ValueError(f"the series has {len(taken)} slices, the label map {nz}")
+        raise UserError(f"the series has {len(taken)} slices, the label map {nz}")
     return out
 
 
@@ -215,7 +216,7 @@ def write_dicom_seg(
     out = Path(out)
     label = np.asarray(label)
     if label.ndim != 3 or not np.issubdtype(label.dtype, np.integer):
-        raise ValueError(f"{out}: need a 3D integer label map, got {label.dtype} of shape {label.shape}")
+        raise UserError(f"{out}: need a 3D integer label map, got {label.dtype} of shape {label.shape}")
     datasets = read_series(dicom_dir)
     if geometry is None:
         geometry = series_geometry(datasets)
@@ -224,7 +225,7 @@ def write_dicom_seg(
     except (ValueError, AttributeError) as e:
         raise ImageWriteError(f"{out}: the label map does not fit the series in {dicom_dir}: {e}") from None
     if label.size and label.min() < 0:
-        raise ValueError(f"{out}: negative label values")
+        raise UserError(f"{out}: negative label values")
     names = {int(v): str(n) for n, v in labels.items()}
     declared = sorted(v for v in names if v > 0)
     present = _present(label)
@@ -233,7 +234,7 @@ def write_dicom_seg(
     if not present:  # highdicom cannot omit every frame: one empty frame per declared label
         values = values or declared
         if not values:
-            raise ValueError(f"{out}: the model declares no foreground label")
+            raise UserError(f"{out}: the model declares no foreground label")
         order = order[:1]
     lut = np.zeros(int(max(values[-1], label.max(initial=0))) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
     lut[values] = np.arange(1, len(values) + 1)

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .jsonio import follow_umask
 
 #: File endings we read and write, longest first so ``.nii.gz`` wins over ``.gz``.
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """A volume could not be read; the message names the file and the problem in one line."""
 
 
@@ -36,7 +37,7 @@ class NonFiniteError(ImageReadError):
     """A volume holds NaN/inf voxels (ITK's NIfTI reader would silently turn them into 0)."""
 
 
-class ImageWriteError(ValueError):
+class ImageWriteError(UserError):
     """A volume could not be written; the message names the file and the problem in one line."""
 
 
@@ -69,9 +70,9 @@ class Geometry:
         object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
         object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
         if len(self.spacing) != 3 or len(self.origin) != 3 or len(self.direction) != 9:
-            raise ValueError("geometry needs 3 spacings, 3 origin coordinates and 9 direction values")
+            raise UserError("geometry needs 3 spacings, 3 origin coordinates and 9 direction values")
         if not all(v > 0 and np.isfinite(v) for v in self.spacing):
-            raise ValueError(f"spacing must be positive and finite, got {self.spacing}")
+            raise UserError(f"spacing must be positive and finite, got {self.spacing}")
 
     @classmethod
     def identity(cls, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> Geometry:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+
 
 def follow_umask(path: str | os.PathLike) -> None:
     """Give a temporary file (created 0600) the mode a plain ``open`` would have given it."""
@@ -54,7 +56,7 @@ def check_writable(folder: str | os.PathLike, what: str = "outputs") -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise ValueError(f"{folder}: cannot write {what} there ({e.strerror or e})") from None
+        raise UserError(f"{folder}: cannot write {what} there ({e.strerror or e})") from None
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
@@ -76,11 +78,11 @@ def read_json(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
+        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
     except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply to read") from None
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
 
 
 def finite(obj):

@@ -1,4 +1,4 @@
-"""The UNETR++ network: pure ``nn.Module``s (this package imports torch and nothing else of ours)."""
+"""The UNETR++ network: pure ``nn.Module``s (this package imports torch, and of ours only ``unetrpp.errors``)."""
 
 from ._mode import reference_math
 from .epa import EPA

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ._mode import reference_enabled
 from .conv import conv3d
 from .epa import EPA
@@ -180,7 +181,7 @@ class ResConvBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
         super().__init__()
         if norm not in ("batch", "instance"):
-            raise ValueError(f"norm must be 'batch' or 'instance', got {norm!r}")
+            raise UserError(f"norm must be 'batch' or 'instance', got {norm!r}")
         self.norm_kind = norm
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False)
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ._mode import reference_enabled
 
 KV_PROJECTIONS = ("shared", "separate", "shared_nobias")
@@ -166,13 +167,13 @@ class EPA(nn.Module):
     ) -> None:
         super().__init__()
         if kv_proj not in KV_PROJECTIONS:
-            raise ValueError(f"kv_proj must be one of {KV_PROJECTIONS}, got {kv_proj!r}")
+            raise UserError(f"kv_proj must be one of {KV_PROJECTIONS}, got {kv_proj!r}")
         if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+            raise UserError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if head_merge not in HEAD_MERGES:
-            raise ValueError(f"head_merge must be one of {HEAD_MERGES}, got {head_merge!r}")
+            raise UserError(f"head_merge must be one of {HEAD_MERGES}, got {head_merge!r}")
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise UserError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.tokens, self.proj_size, self.num_heads = dim, tokens, proj_size, num_heads
         self.kv_proj, self.fusion, self.head_merge = kv_proj, fusion, head_merge
         self.attn_dropout = attn_dropout
@@ -186,7 +187,7 @@ class EPA(nn.Module):
             self.proj_kv = nn.Linear(tokens, proj_size, bias=kv_proj == "shared")
         if fusion == "concat":
             if dim % 2:
-                raise ValueError(f"fusion='concat' needs an even dim, got {dim}")
+                raise UserError(f"fusion='concat' needs an even dim, got {dim}")
             self.out_spatial = nn.Linear(dim, dim // 2)
             self.out_channel = nn.Linear(dim, dim // 2)
         self._init(trunc_normal_linears)
@@ -210,7 +211,7 @@ class EPA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != self.tokens:
-            raise ValueError(f"EPA built for {self.tokens} tokens got {x.shape[1]}")
+            raise UserError(f"EPA built for {self.tokens} tokens got {x.shape[1]}")
         if reference_enabled():
             return self._forward_reference(x)
         return self._forward_fast(x)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .presets import get_preset
 from .unetrpp import UNETRPP, UNETRPPConfig
 
 _DECODERS = {"decoder5": 0, "decoder4": 1, "decoder3": 2}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """An official checkpoint that cannot be read or does not fit the model."""
 
 

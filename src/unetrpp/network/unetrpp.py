@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .blocks import (
     Downsample,
     OutputStage,
@@ -38,9 +39,9 @@ def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     try:
         out = tuple(int(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or 3 ints, got {value!r}") from None
+        raise UserError(f"{name} must be an int or 3 ints, got {value!r}") from None
     if len(out) != 3 or any(v <= 0 for v in out):
-        raise ValueError(f"{name} must be 3 positive ints (z, y, x), got {value!r}")
+        raise UserError(f"{name} must be 3 positive ints (z, y, x), got {value!r}")
     return out  # type: ignore[return-value]
 
 
@@ -112,7 +113,7 @@ class UNETRPPConfig:
     def validate(self) -> None:
         def positive_int(name: str, v: object) -> None:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise UserError(f"{name} must be a positive int, got {v!r}")
 
         positive_int("in_channels", self.in_channels)
         positive_int("out_channels", self.out_channels)
@@ -121,30 +122,30 @@ class UNETRPPConfig:
         positive_int("decoder_proj_size", self.decoder_proj_size)
         positive_int("conv_blocks", self.conv_blocks)
         if len(self.depths) != 4 or any(d < 1 for d in self.depths):
-            raise ValueError(f"depths must be 4 positive ints (one per encoder stage), got {self.depths}")
+            raise UserError(f"depths must be 4 positive ints (one per encoder stage), got {self.depths}")
         if len(self.decoder_depths) != 3 or any(d < 1 for d in self.decoder_depths):
-            raise ValueError(f"decoder_depths must be 3 positive ints, got {self.decoder_depths}")
+            raise UserError(f"decoder_depths must be 3 positive ints, got {self.decoder_depths}")
         if len(self.proj_size) != 4 or any(p < 1 for p in self.proj_size):
-            raise ValueError(f"proj_size must be an int or 4 positive ints, got {self.proj_size}")
+            raise UserError(f"proj_size must be an int or 4 positive ints, got {self.proj_size}")
         for name, allowed in (("kv_proj", KV_PROJECTIONS), ("fusion", FUSIONS), ("head_merge", HEAD_MERGES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("attn_dropout", "proj_dropout"):
             v = getattr(self, name)
             if not 0.0 <= float(v) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+                raise UserError(f"{name} must be in [0, 1), got {v!r}")
         for dim in self.dims:
             if dim % self.num_heads:
-                raise ValueError(
+                raise UserError(
                     f"num_heads={self.num_heads} must divide every stage width {self.dims} "
                     f"(feature_size={self.feature_size} x 2, 4, 8, 16)"
                 )
         if self.fusion == "concat" and self.dims[0] % 2:
-            raise ValueError("fusion='concat' needs even stage widths")
+            raise UserError("fusion='concat' needs even stage widths")
         groups = self.stem_norm_groups if self.stem_norm_groups is not None else self.in_channels
         positive_int("stem_norm_groups", groups)
         if self.dims[0] % groups:
-            raise ValueError(
+            raise UserError(
                 f"the stem GroupNorm uses {groups} groups (in_channels by default) over {self.dims[0]} "
                 f"channels, which does not divide; set stem_norm_groups to a divisor of {self.dims[0]}"
             )
@@ -154,7 +155,7 @@ class UNETRPPConfig:
                 lo, hi = valid_sizes_near(s, m)
                 bad.append(f"axis {axis}: {s} is not a multiple of {m} (try {lo} or {hi})")
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"img_size {self.img_size} does not fit stem_stride {self.stem_stride} and three "
                 f"2x downsamplings: " + "; ".join(bad)
             )
@@ -171,7 +172,7 @@ class UNETRPPConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown UNETR++ config fields: {', '.join(unknown)}")
+            raise UserError(f"unknown UNETR++ config fields: {', '.join(unknown)}")
         return cls(**d)
 
 
@@ -264,18 +265,18 @@ class UNETRPP(nn.Module):
     @deep_supervision.setter
     def deep_supervision(self, value: bool) -> None:
         if value and len(self.heads) == 1:
-            raise ValueError("this model was built with deep_supervision=False: it has no extra heads")
+            raise UserError("this model was built with deep_supervision=False: it has no extra heads")
         self._deep_supervision = bool(value)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
         cfg = self.config
         if x.dim() != 5:
-            raise ValueError(f"UNETRPP expects a (B, C, Z, Y, X) tensor, got shape {tuple(x.shape)}")
+            raise UserError(f"UNETRPP expects a (B, C, Z, Y, X) tensor, got shape {tuple(x.shape)}")
         if x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNETRPP was built for {cfg.in_channels} input channels, got {x.shape[1]}")
+            raise UserError(f"UNETRPP was built for {cfg.in_channels} input channels, got {x.shape[1]}")
         if tuple(x.shape[2:]) != cfg.img_size:
-            raise ValueError(
+            raise UserError(
                 f"UNETRPP was built for patches of {cfg.img_size}, got {tuple(x.shape[2:])}; use "
                 "sliding-window inference for larger volumes or build the model with this img_size"
             )
@@ -336,12 +337,12 @@ class UNETRPP(nn.Module):
             meta = json.loads(cfg_file.read_text())
             cfg = meta["config"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{cfg_file}: not a UNETR++ config ({e})") from None
+            raise UserError(f"{cfg_file}: not a UNETR++ config ({e})") from None
         model = cls(**cfg)
         try:
             state = load_file(str(weights), device=str(map_location))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+            raise UserError(f"{weights}: unreadable safetensors file ({e})") from None
         load_state_dict_checked(model, state, source=str(weights))
         return model
 
@@ -364,13 +365,13 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise ValueError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)})")
+            raise UserError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)})")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
+            raise UserError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
                              f"the model expects {tuple(value.shape)}")
     extra = [k for k in state if k not in own]
     if extra:
-        raise ValueError(f"{source}: unexpected key {extra[0]!r} (shape {tuple(state[extra[0]].shape)})"
+        raise UserError(f"{source}: unexpected key {extra[0]!r} (shape {tuple(state[extra[0]].shape)})"
                          + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     model.load_state_dict(state, strict=True)
 

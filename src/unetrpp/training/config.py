@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..errors import UserError
 from .augment import AugmentConfig
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -59,27 +60,27 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+            raise UserError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         for name in ("epochs", "iters_per_epoch"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.recipe not in ("auto", "paper", "short"):
-            raise ValueError(f"recipe must be auto, paper or short, got {self.recipe!r}")
+            raise UserError(f"recipe must be auto, paper or short, got {self.recipe!r}")
         if self.lr is not None and not (self.lr > 0 and self.lr < 10):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise UserError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.log_every_s > 0 and self.checkpoint_every_min > 0):
-            raise ValueError("log_every_s and checkpoint_every_min must be positive")
+            raise UserError("log_every_s and checkpoint_every_min must be positive")
         if self.optimizer not in (None, "sgd", "adamw"):
-            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+            raise UserError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.val_iters < 0 or self.workers < 0:
-            raise ValueError("val_iters and workers must be >= 0")
+            raise UserError("val_iters and workers must be >= 0")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
-            raise ValueError(f"time budget must be positive, got {self.time_budget_min} min")
+            raise UserError(f"time budget must be positive, got {self.time_budget_min} min")
         if not (isinstance(self.fold, int) or self.fold == "all"):
-            raise ValueError(f"fold must be an int or 'all', got {self.fold!r}")
+            raise UserError(f"fold must be an int or 'all', got {self.fold!r}")
         bad = set(self.augment) - {f.name for f in dataclasses.fields(AugmentConfig)}
         if bad:
-            raise ValueError(f"unknown augmentation fields: {', '.join(sorted(bad))}")
+            raise UserError(f"unknown augmentation fields: {', '.join(sorted(bad))}")
 
     def augment_config(self, dummy_2d: bool) -> AugmentConfig:
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.augment.items()}
@@ -94,5 +95,5 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
+            raise UserError(f"unknown training config fields: {', '.join(unknown)}")
         return cls(**d)

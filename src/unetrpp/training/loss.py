@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 DEEP_SUPERVISION_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
 
 
@@ -94,7 +96,7 @@ class DeepSupervisionLoss(nn.Module):
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, target)
         if len(outputs) > len(self.weights):
-            raise ValueError(f"{len(outputs)} outputs but only {len(self.weights)} deep-supervision weights")
+            raise UserError(f"{len(outputs)} outputs but only {len(self.weights)} deep-supervision weights")
         labels = target[:, 0] if target.dim() == outputs[0].dim() else target
         total = outputs[0].new_zeros((), dtype=torch.float32)
         for w, out in zip(self.weights, outputs, strict=False):

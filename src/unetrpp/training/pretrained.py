@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..network.unetrpp import UNETRPPConfig
 
 #: Fields a fine-tuning run does not take from the pretrained network: its classes, its patch, and
@@ -52,7 +53,7 @@ def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid) -> torch.Tensor:
     """``(1, prod(old_grid), C)`` positional embeddings trilinearly interpolated to ``(1, prod(new_grid), C)``."""
     old_grid, new_grid = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
     if pos.dim() != 3 or pos.shape[1] != math.prod(old_grid):
-        raise ValueError(f"positional embedding of shape {tuple(pos.shape)} does not hold a {old_grid} grid")
+        raise UserError(f"positional embedding of shape {tuple(pos.shape)} does not hold a {old_grid} grid")
     c = pos.shape[2]
     vol = pos.detach().float().reshape(pos.shape[0], *old_grid, c).permute(0, 4, 1, 2, 3)
     out = F.interpolate(vol, size=new_grid, mode="trilinear", align_corners=False)
@@ -77,7 +78,7 @@ def resize_token_projection(weight: torch.Tensor, old_grid, new_grid) -> torch.T
     scaled by ``N_old / N_new`` so a projection of the same content keeps its magnitude."""
     old_grid, new_grid = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
     if weight.dim() != 2 or weight.shape[1] != math.prod(old_grid):
-        raise ValueError(f"token projection of shape {tuple(weight.shape)} does not hold a {old_grid} grid")
+        raise UserError(f"token projection of shape {tuple(weight.shape)} does not hold a {old_grid} grid")
     vol = weight.detach().float().reshape(1, weight.shape[0], *old_grid)
     out = F.interpolate(vol, size=new_grid, mode="trilinear", align_corners=False)
     scale = math.prod(old_grid) / math.prod(new_grid)

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from ..data.layout import safe_case_name
 from ..data.preprocess import load_case
+from ..errors import UserError
 from .augment import AugmentConfig, augment_intensity, mirror, sample_spatial
 
 
@@ -32,7 +33,7 @@ class CaseCache:
         self.folder = Path(folder)
         self.names = [safe_case_name(n, self.folder) for n in names]
         if not self.names:
-            raise ValueError(f"{self.folder}: no cases to sample from")
+            raise UserError(f"{self.folder}: no cases to sample from")
         missing = [n for n in self.names if not (self.folder / f"{n}.json").exists()]
         if missing:
             raise FileNotFoundError(
@@ -110,7 +111,7 @@ class PatchSampler:
         seed: int = 0,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+            raise UserError(f"batch size must be >= 1, got {batch_size}")
         self.cases = CaseCache(folder, names)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.batch_size = batch_size

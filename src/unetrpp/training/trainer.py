@@ -50,6 +50,7 @@ from ..data.layout import Dataset, load_splits
 from ..data.plan import load_plans
 from ..data.plans import Plans
 from ..data.preprocess import load_case
+from ..errors import UserError
 from ..inference.sliding_window import autocast_for
 from ..io import read_json, write_image, write_json
 from ..io.jsonio import atomic_write
@@ -78,7 +79,7 @@ def _seed_of(*parts: int) -> int:
 def split_batch(batch: int, world: int) -> list[int]:
     """The global batch split over ``world`` processes as evenly as possible (nnU-Net v2's rule)."""
     if batch < world:
-        raise ValueError(f"batch size {batch} is smaller than the number of processes ({world})")
+        raise UserError(f"batch size {batch} is smaller than the number of processes ({world})")
     return [batch // world + (1 if r < batch % world else 0) for r in range(world)]
 
 
@@ -119,7 +120,7 @@ class Trainer:
         self.plans = load_plans(plans_path)
         if config.preset is not None and config.preset != self.plans.preset:
             planned = f"preset {self.plans.preset}" if self.plans.preset else "a network planned from the data"
-            raise ValueError(f"--preset {config.preset} contradicts {plans_path} ({planned}); leave --preset out, "
+            raise UserError(f"--preset {config.preset} contradicts {plans_path} ({planned}); leave --preset out, "
                              f"or re-plan with `unetrpp plan {self.root} --preset {config.preset}`")
         self.pre_dir = self.root / "preprocessed"
         self._check_preprocessed()
@@ -130,7 +131,7 @@ class Trainer:
         else:
             splits = load_splits(self.root)
             if not 0 <= fold < len(splits):
-                raise ValueError(f"{self.root / 'splits.json'}: fold {fold} does not exist ({len(splits)} folds)")
+                raise UserError(f"{self.root / 'splits.json'}: fold {fold} does not exist ({len(splits)} folds)")
             self.train_names, self.val_names = splits[fold]["train"], splits[fold]["val"]
         if not self.val_names:
             self.val_names = self.train_names
@@ -140,7 +141,7 @@ class Trainer:
         self.batch = split_batch(self.global_batch, self.world)[self.rank]
         self.device = self._device()
         if config.amp == "fp16" and self.device.type != "cuda":
-            raise ValueError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+            raise UserError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
         self._set_network(list(config.patch_size or self.plans.patch_size), config.model_overrides)
         classes = config.online_eval_classes
         if classes is None and self.plans.eval_classes and self.num_classes == self.plans.num_classes:
@@ -161,12 +162,12 @@ class Trainer:
         try:
             cfg = self.plans.network_config(img_size=self.patch, **overrides)
         except TypeError as e:
-            raise ValueError(f"model_overrides: {e}") from None
+            raise UserError(f"model_overrides: {e}") from None
         self.model_config = cfg.to_dict()
         self.num_classes = cfg.out_channels
         deepest = math.prod(cfg.stage_shapes[3])
         if self.batch * deepest < 2:
-            raise ValueError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
+            raise UserError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
                              "deepest stage, where batch norm needs two; use a larger patch or batch")
         self.augment = self.cfg.augment_config(dummy_2d_for(self.patch))
 
@@ -183,13 +184,13 @@ class Trainer:
         net = member.network
         arch = architecture(net.config)
         if arch["in_channels"] != self.plans.num_channels:
-            raise ValueError(f"{path} takes {arch['in_channels']} channel(s), dataset {self.root} has "
+            raise UserError(f"{path} takes {arch['in_channels']} channel(s), dataset {self.root} has "
                              f"{self.plans.num_channels}")
         overrides = {**self.cfg.model_overrides, **arch}
         try:
             self._set_network(self.patch, overrides)
         except ValueError as e:
-            raise ValueError(f"{path}: its network does not fit this run: {str(e).splitlines()[0]} (choose a "
+            raise UserError(f"{path}: its network does not fit this run: {str(e).splitlines()[0]} (choose a "
                              "--patch-size for it)") from None
         # the budget's patch ladder then shrinks patches in this network's multiples
         self.plans = dataclasses.replace(self.plans, network={**self.plans.network, **arch})
@@ -204,7 +205,7 @@ class Trainer:
         if not marker.exists():
             raise FileNotFoundError(f"{self.pre_dir}: not preprocessed; run `unetrpp preprocess {self.root}`")
         if Plans.coerce(read_json(marker), str(marker)).id != self.plans.id:
-            raise ValueError(f"{self.pre_dir}: preprocessed with other plans; rerun `unetrpp preprocess {self.root}`")
+            raise UserError(f"{self.pre_dir}: preprocessed with other plans; rerun `unetrpp preprocess {self.root}`")
 
     def _train_coarser(self, scale: list[float]) -> None:
         """Train at the plans' spacing times ``scale`` (budget rule 2): preprocess the dataset for it
@@ -234,10 +235,10 @@ class Trainer:
             want = "cuda" if torch.cuda.is_available() else "cpu"
         if want.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise ValueError("--device cuda: no CUDA device is available")
+                raise UserError("--device cuda: no CUDA device is available")
             return torch.device("cuda", self.local_rank if self.world > 1 else torch.device(want).index or 0)
         if want != "cpu":
-            raise ValueError(f"device must be cpu, cuda or auto, got {want!r}")
+            raise UserError(f"device must be cpu, cuda or auto, got {want!r}")
         return torch.device("cpu")
 
     def log(self, msg: str) -> None:
@@ -298,7 +299,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         latest = self.out / "checkpoint_latest.pt"
         if not resume and latest.exists():
-            raise ValueError(f"{self.out}: a run is already there; pass --resume to continue it or choose another "
+            raise UserError(f"{self.out}: a run is already there; pass --resume to continue it or choose another "
                              "output folder")
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -418,15 +419,15 @@ class Trainer:
             lacking = [k for k in ("train_config", "optimizer", "rng", "epoch", "ema", "best_ema", "history", "elapsed")
                        if k not in ckpt]
             if lacking:
-                raise ValueError(f"{latest}: cannot resume from it: it lacks {', '.join(lacking)} (a final or best "
+                raise UserError(f"{latest}: cannot resume from it: it lacks {', '.join(lacking)} (a final or best "
                                  "checkpoint holds no training state)")
             try:
                 saved = TrainConfig.from_json(ckpt["train_config"])
             except (TypeError, ValueError, KeyError) as e:
-                raise ValueError(f"{latest}: cannot resume from it: bad train_config ({e})") from None
+                raise UserError(f"{latest}: cannot resume from it: bad train_config ({e})") from None
             if (saved.preset or self.plans.preset) != (self.cfg.preset or self.plans.preset) \
                     or saved.fold != self.cfg.fold:
-                raise ValueError(f"{latest}: was trained with another preset or fold; cannot resume")
+                raise UserError(f"{latest}: was trained with another preset or fold; cannot resume")
         self._plan_budget(ckpt)
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
@@ -440,7 +441,7 @@ class Trainer:
             self.log(describe(report))
         if cfg.activation_checkpointing:
             if not hasattr(model, "activation_checkpointing"):
-                raise ValueError(f"activation_checkpointing: {type(model).__name__} has no such switch")
+                raise UserError(f"activation_checkpointing: {type(model).__name__} has no such switch")
             model.activation_checkpointing = True
         optimizer = build_optimizer(model.parameters(), cfg, self.device)
         scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
@@ -448,12 +449,12 @@ class Trainer:
         start_epoch = 0
         if ckpt is not None:
             if ckpt["model_config"] != self.model_config:
-                raise ValueError(f"{latest}: was trained with another network; cannot resume")
+                raise UserError(f"{latest}: was trained with another network; cannot resume")
             try:
                 model.load_state_dict(ckpt["state_dict"])
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{latest}: cannot resume from it: {str(e).strip().splitlines()[0][:200]}") from None
+                raise UserError(f"{latest}: cannot resume from it: {str(e).strip().splitlines()[0][:200]}") from None
             if ckpt.get("scaler"):
                 scaler.load_state_dict(ckpt["scaler"])
             torch.set_rng_state(ckpt["rng"]["torch"])
