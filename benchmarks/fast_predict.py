@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,6 +101,7 @@ def child(args) -> None:
     import numpy as np
     import torch
 
+    from unetrpp.bench import emit_result
     from unetrpp.inference.predictor import Predictor
     from unetrpp.inference.sliding_window import DEFAULT_SHORTCUTS, EXACT, Shortcuts
     from unetrpp.runtime import tune_cpu_allocator
@@ -134,7 +134,7 @@ def child(args) -> None:
     if method == "monai":
         pred.probabilities_preprocessed = lambda data: _monai_probabilities(pred, data)
     from unetrpp.data.preprocess import preprocess_array
-    from unetrpp.inference.predictor import restore_label_from_probabilities
+    from unetrpp.data.restore import restore_label_from_probabilities
     from unetrpp.io import read_case, write_image
 
     out_dir = Path(args.out) / args.child
@@ -167,12 +167,12 @@ def child(args) -> None:
         clock["write"] += time.perf_counter() - t5
         np.save(out_dir / f"{name}.npy", label)
     wall = time.perf_counter() - t_all
-    print("RESULT " + json.dumps({
+    emit_result({
         "seconds": wall, "per_case_s": per_case, "clock": clock, "passes": passes, "windows": windows,
         "constant_windows": constant, "mirrored_windows": mirrored, "sure_background_voxels": background,
         "voxels": voxels,
         "threads": torch.get_num_threads(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "shortcuts": shortcuts.describe() if method != "monai" else "MONAI sliding_window_inference x 8 flips"}))
+        "shortcuts": shortcuts.describe() if method != "monai" else "MONAI sliding_window_inference x 8 flips"})
 
 
 def _dice(a, b, value) -> float | None:
@@ -236,6 +236,8 @@ def main() -> None:
         return
     import torch
 
+    from unetrpp.bench import ChildError, run_child
+
     methods = args.methods.split(",")
     if "exact" not in methods:
         methods.insert(0, "exact")
@@ -249,11 +251,10 @@ def main() -> None:
                 cmd = [sys.executable, str(HERE), "--child", m, "--set", set_name, "--work", str(args.work),
                        "--out", str(out)] + (["--cases", str(args.cases)] if args.cases else [])
                 cmd += [f"--model={v}" for v in args.model or []]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-                if proc.returncode or not line:
-                    raise SystemExit(f"{set_name} {m} failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(line[0][7:])
+                try:
+                    res = run_child(cmd, f"{set_name} {m}")
+                except ChildError as e:
+                    raise SystemExit(str(e)) from None
                 runs[m].append(res)
                 print(f"{set_name} round {r} {m}: {res['seconds']:.1f} s, {res['passes']} passes, "
                       f"{res['peak_rss_mb']:.0f} MB", flush=True)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -30,7 +29,7 @@ from unetrpp.inference.sliding_window import window_grid
 from unetrpp.runtime import tune_cpu_allocator
 tune_cpu_allocator()
 shape, device, tta, batch = tuple(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3] == "on", int(sys.argv[4])
-from unetrpp.bench import CT_NORMALISATION, ct_like_volume
+from unetrpp.bench import CT_NORMALISATION, ct_like_volume, emit_result
 image = ct_like_volume(shape)
 spacing = (1.5, 0.76, 0.76)
 plans = {"target_spacing": list(spacing), "channel_names": ["CT"], "labels": {}, "num_classes": 14,
@@ -52,7 +51,7 @@ out = {"wall_s": wall, "window_passes": windows, "windows_per_s": windows / wall
        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 if device == "cuda":
     out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-print("RESULT " + json.dumps(out))
+emit_result(out)
 """
 
 
@@ -66,17 +65,18 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from unetrpp.bench import ChildError, run_child
+
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                          + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
               "date": time.strftime("%Y-%m-%d"), "device": args.device, "shape": args.shape,
               "patch": [64, 128, 128], "step": 0.5, "runs": {}}
     for tta in args.tta:
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args.shape), args.device, tta,
-                               str(args.batch)], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            raise SystemExit(f"TTA {tta}: failed\n{proc.stderr[-2000:]}")
-        r = json.loads(line[7:])
+        try:
+            r = run_child([sys.executable, "-c", CHILD, json.dumps(args.shape), args.device, tta, str(args.batch)],
+                          f"TTA {tta}")
+        except ChildError as e:
+            raise SystemExit(str(e)) from None
         report["runs"][f"tta_{tta}"] = r
         mem = f"peak GPU {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else f"peak RSS {r['peak_rss_mb']:.0f} MB"
         print(f"TTA {tta}: {r['wall_s']:.1f} s, {r['window_passes']} window passes, {r['windows_per_s']:.2f} "

@@ -43,7 +43,7 @@ def _dataset(ct_dir: Path, out: Path) -> list[str]:
         write_npy(data, out / f"{n}.npy")
         write_npy(seg, out / f"{n}_seg.npy")
         write_npy(class_locations(seg, 0), out / f"{n}_locations.npy")
-        write_json({**props, "name": n}, out / f"{n}.json")
+        write_json({**props.to_dict(), "name": n}, out / f"{n}.json")
     return names, list(data.shape[1:])
 
 
@@ -59,10 +59,10 @@ def main() -> None:
     import torch
 
     from unetrpp import create_model
+    from unetrpp.bench import recipe_step
     from unetrpp.runtime import tune_cpu_allocator
     from unetrpp.training.augment import AugmentConfig, dummy_2d_for
     from unetrpp.training.loader import BatchStream, batch_loader
-    from unetrpp.training.loss import DeepSupervisionLoss, DiceCELoss
 
     tune_cpu_allocator()
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -84,17 +84,13 @@ def main() -> None:
             del loader
 
     model = create_model("synapse")
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True))
     x = torch.randn(2, 1, *PATCH)
     y = torch.randint(0, 14, (2, *PATCH))
+    train_step = recipe_step(model, x, y)  # the trainer's step and optimizer
     times = []
     for i in range(args.steps + 1):
         t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
-        opt.step()
+        train_step()
         if i:
             times.append(time.perf_counter() - t)
     step = sum(times) / len(times)

@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +37,8 @@ def _build(impl: str, preset: str):
 def worker(impl: str, what: str, preset: str, threads: int, repeats: int, tune: bool) -> dict:
     import torch
 
+    from unetrpp.bench import median_time, recipe_step
     from unetrpp.runtime import tune_cpu_allocator
-    from unetrpp.training.loss import DeepSupervisionLoss, DiceCELoss
 
     tuned = tune_cpu_allocator() if tune else False
     torch.set_num_threads(threads)
@@ -56,20 +55,9 @@ def worker(impl: str, what: str, preset: str, threads: int, repeats: int, tune: 
             with torch.inference_mode():
                 model(x)
     else:
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5,
-                              fused=True)  # as the trainer
-        loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=True))
         x = torch.randn(2, cfg.in_channels, *cfg.img_size)
         y = torch.randint(0, cfg.out_channels, (2, *cfg.img_size))
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12)
-            opt.step()
-
-    from unetrpp.bench import median_time
+        step = recipe_step(model, x, y)  # the trainer's step and optimizer
 
     median, times = median_time(step, repeats)
     return {"impl": impl, "what": what, "median_s": median, "times_s": times,
@@ -98,9 +86,11 @@ def main() -> int:
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    from unetrpp.bench import ChildError, emit_result, run_child
+
     if args.worker:
         impl, what = args.worker
-        print(json.dumps(worker(impl, what, args.preset, args.threads, args.repeats, not args.no_tune)))
+        emit_result(worker(impl, what, args.preset, args.threads, args.repeats, not args.no_tune))
         return 0
 
     import torch
@@ -115,7 +105,10 @@ def main() -> int:
             repeats = args.repeats if what == "forward" else max(2, args.repeats // 2)
             cmd = [sys.executable, __file__, "--worker", impl, what, "--preset", args.preset,
                    "--threads", str(args.threads), "--repeats", str(repeats)] + (["--no-tune"] * args.no_tune)
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            try:
+                res = run_child(cmd, f"{impl} {what}")
+            except ChildError as e:
+                raise SystemExit(str(e)) from None
             if what == "forward":
                 res["gmacs_per_s"] = macs / res["median_s"] / 1e9
             results.append(res)

@@ -55,13 +55,15 @@ def _baseline_trainer():
 
 
 def main() -> None:
+    from unetrpp.training.config import PAPER_LR
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT, help="MSD Task04 Hippocampus folder")
     ap.add_argument("--minutes", type=float, default=15.0, help="training budget per network")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     ap.add_argument("--skip-baseline", action="store_true", help="train UNETR++ only")
     ap.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, default=PAPER_LR)
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     if not (args.data / "dataset.json").exists():

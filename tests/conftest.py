@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unetrpp.network._mode import reference_enabled
+from unetrpp.network.dual import reference_enabled
 
 
 @pytest.fixture(autouse=True)

@@ -41,7 +41,7 @@ def _commands(section: str) -> list[list[str]]:
 
 
 def test_share_a_model_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    from test_models import _dataset_with_runs, _volume
+    from tests.inference.test_model import _dataset_with_runs, _volume
     from unetrpp.cli.main import main
 
     _dataset_with_runs(tmp_path / "D")
@@ -56,7 +56,7 @@ def test_share_a_model_commands_run_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_official_weights_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    from test_import_official import _tiny, _volume, v1_info, write_official
+    from tests.inference.test_official_import import _tiny, _volume, v1_info, write_official
     from unetrpp.cli.main import main
     from unetrpp.io import Geometry, read_image, write_image
 

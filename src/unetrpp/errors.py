@@ -11,3 +11,13 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """A problem with the user's input, files or settings, told in one line that names the file."""
+
+
+def refuse_unknown_fields(d, cls, before: str, after: str = "") -> None:
+    """A one-line error when the mapping ``d`` has keys that are not fields of the dataclass ``cls``
+    (a config written by a newer version, or edited): ``before``, the unknown names, ``after``."""
+    import dataclasses
+
+    unknown = sorted(map(str, set(d) - {f.name for f in dataclasses.fields(cls)}))
+    if unknown:
+        raise UserError(before + ", ".join(unknown) + after)

@@ -1,13 +1,102 @@
-"""Process-level runtime settings for CPU speed (opt-in; the CLI and benchmarks call them)."""
+"""Where and how the network runs: device, mixed precision and autocast resolved in one place, and
+process-level settings for CPU speed (opt-in; the CLI and benchmarks call them).
+
+Cheap to import: torch is imported inside the functions that need it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+#: Mixed-precision modes: none, bfloat16 autocast, float16 autocast (CUDA only, with a grad scaler).
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+def resolve_device(spec: str | torch.device | None = "auto", kinds: Sequence[str] | None = None) -> torch.device:
+    """The device ``spec`` names; ``auto`` (or None) is CUDA where available, else the CPU.
+
+    A name torch does not know, a device type outside ``kinds`` (when given), or CUDA on a machine
+    without it is a :class:`UserError`.
+    """
+    import torch
+
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or (kinds is not None and device.type not in kinds):
+        allowed = ", ".join(kinds) if kinds is not None else "cpu, cuda, cuda:N"
+        raise UserError(f"device must be {allowed} or auto, got {str(spec)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: no CUDA device is available (this torch build or machine has none)")
+    return device
+
+
+def resolve_amp(amp: str | None, device: str | torch.device) -> str:
+    """The mixed-precision mode to use on ``device``: ``auto`` (or None) is bf16 on CUDA where supported,
+    else fp16 there, and off elsewhere; ``off``, ``bf16`` and ``fp16`` are checked (fp16 needs CUDA)."""
+    import torch
+
+    device = torch.device(device)
+    if amp in (None, "auto"):
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in AMP_MODES:
+        raise UserError(f"amp must be one of {', '.join(AMP_MODES)} or auto, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+    return amp
+
+
+def autocast(device: str | torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """An autocast context for ``amp`` in ``off | bf16 | fp16`` on ``device``; a null context when off."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise UserError(f"amp must be off, bf16 or fp16, got {amp!r}")
+    import torch
+
+    device = torch.device(device)
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("fp16 autocast needs a CUDA device; use --amp bf16 or off on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None] | None:
+    """A function that waits for ``device``'s queued work (CUDA); None where work is synchronous."""
+    import torch
+
+    device = torch.device(device)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """Peak memory in MiB: CUDA's allocated peak on a CUDA device, else this process's peak resident set."""
+    import resource
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..runtime import AMP_MODES
 
 
 def add_parser(sub) -> None:
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
                    help="comma-separated: rates, forward, train, epa, sliding, maxbatch (default rates,forward,train)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (default 5; training: half)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="autocast (CUDA; default off)")
+    p.add_argument("--amp", choices=AMP_MODES, default="off", help="autocast (CUDA; default off)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the training step")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"), help="another patch size")
@@ -50,15 +51,12 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def run(args) -> int:
-    from ..bench import plot_epa, print_summary, run_suite
+    from ..bench import ChildError, plot_epa, print_summary, run_suite
     from ..io import write_json
+    from ..runtime import resolve_device
 
     whats = [w.strip() for w in args.what.split(",") if w.strip()]
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here")
+    resolve_device(args.device, kinds=("cpu", "cuda"))  # one line for an unknown device or missing CUDA
     tta = {"off": (False,), "on": (True,), "both": (False, True)}[args.tta]
     try:
         record = run_suite(
@@ -69,7 +67,7 @@ def run(args) -> int:
             epa_kinds=[k for k in args.epa_kinds.split(",") if k], epa_rounds=args.epa_rounds,
             volume=args.volume, tta=tta, monai=args.monai, tune=not args.no_tune,
         )
-    except RuntimeError as e:  # a failed measurement: its one-line reason, not a traceback
+    except ChildError as e:  # a failed measurement: its one-line reason, not a traceback
         raise UserError(str(e)) from None
     print_summary(record)
     if args.json:

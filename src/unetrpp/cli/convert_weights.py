@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..network.official import load_official
+    from ..network.weights import load_official
 
     model = load_official(args.official_file, args.preset, img_size=args.patch_size)
     out = model.save_pretrained(args.out)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from .demo_run import run_demo
 
     if args.steps < 25:
         raise UserError(f"--steps {args.steps}: the demo needs at least 25 steps")

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..export import export_onnx
+    from ..inference.export import export_onnx
 
     r = export_onnx(args.checkpoint, args.out, opset=args.opset, check=not args.no_check)
     extra = f", max |onnxruntime - torch| = {r['max_abs_diff']:.2e}" if "max_abs_diff" in r else ""

@@ -12,6 +12,8 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
 def add_parser(sub) -> None:
+    from ..inference.sliding_window import DEFAULT_SHORTCUTS, DEFAULT_STEP
+
     p = sub.add_parser(
         "predict", help="segment volumes with a trained checkpoint",
         description="Preprocess each input as in training, run a Gaussian-weighted sliding window (with mirroring "
@@ -26,13 +28,14 @@ def add_parser(sub) -> None:
     p.add_argument("--postprocessing", metavar="JSON",
                    help="postprocessing.json to apply ('none': none); default: the package's own, or for run "
                         "folders the one `unetrpp find-best` wrote beside them for exactly these runs")
-    p.add_argument("--step", type=float, default=0.5, help="window step as a fraction of the patch (default 0.5)")
+    p.add_argument("--step", type=float, default=DEFAULT_STEP,
+                   help=f"window step as a fraction of the patch (default {DEFAULT_STEP:g})")
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (8x faster)")
     p.add_argument("--exact", action="store_true",
                    help="the official protocol: every window and every mirror computed (no shortcuts)")
     p.add_argument("--mirror-margin", type=_margin, default=None, metavar="M",
                    help="run a window's 7 mirrored passes only if it holds a voxel whose unmirrored top-2 "
-                        "probability margin is below M (default 0.3; 1: every window)")
+                        f"probability margin is below M (default {DEFAULT_SHORTCUTS.mirror_margin:g}; 1: every window)")
     p.add_argument("--mirror-step", type=_step, default=None, metavar="S",
                    help="faster, not exact: mirror the unsure voxels with windows S patches apart (e.g. 1) "
                         "instead of every window that holds one; their answer may then differ from --exact's")

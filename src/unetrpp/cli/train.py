@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from ..errors import UserError
+from ..runtime import AMP_MODES
 
 
 def add_parser(sub) -> None:
+    from ..training.config import PAPER_LR, TrainConfig
+
+    d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # the CLI's defaults are the config's
     p = sub.add_parser(
         "train", help="train UNETR++ on a preprocessed dataset (resumable; torchrun for several GPUs)",
-        description="Train the network of the plans (plans.json) with the official recipe (SGD Nesterov 0.99, lr "
-                    "1e-2 poly 0.9, weight decay 3e-5, clip 12, Dice+CE with deep supervision, the official "
+        description=f"Train the network of the plans (plans.json) with the official recipe (SGD Nesterov "
+                    f"{d['momentum']:g}, lr {_num(PAPER_LR)} poly {d['poly_exponent']:g}, weight decay "
+                    f"{_num(d['weight_decay'])}, clip {d['grad_clip']:g}, Dice+CE with deep supervision, the official "
                     "augmentation). With --time-budget the whole job (training and validation) fits the budget, "
                     "and a run too short for that recipe gets the short-run recipe: width, patch, optimizer and "
                     "schedule measured and chosen on this device (said in the log, kept in train_config.json). "
@@ -18,23 +26,28 @@ def add_parser(sub) -> None:
                     "--nproc_per_node N -m unetrpp.cli.main train ...`.")
     p.add_argument("dataset", help="dataset folder (after `unetrpp plan` and `unetrpp preprocess`)")
     p.add_argument("--preset", help="only to check: the preset the plans must have been made with")
-    p.add_argument("-f", "--fold", default="0", help="fold of splits.json, or 'all' (default 0)")
+    p.add_argument("-f", "--fold", default=str(d["fold"]), help="fold of splits.json, or 'all' (default %(default)s)")
     p.add_argument("-o", "--out", help="run folder (default DATASET/results/NAME_foldF)")
-    p.add_argument("--recipe", choices=("auto", "paper", "short"), default="auto",
-                   help="auto (default): the short-run recipe when the time budget is short for the paper's")
-    p.add_argument("--epochs", type=int, default=1000, help="epochs (default 1000)")
-    p.add_argument("--iters", type=int, help="training iterations per epoch (default 250; short runs: ~1 min)")
-    p.add_argument("--val-iters", type=int, help="validation batches per epoch (default 50; short runs: 1/10)")
+    p.add_argument("--recipe", choices=("auto", "paper", "short"), default=d["recipe"],
+                   help="auto: the short-run recipe when the time budget is short for the paper's "
+                        "(default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d["epochs"], help="epochs (default %(default)s)")
+    p.add_argument("--iters", type=int,
+                   help=f"training iterations per epoch (default {d['iters_per_epoch']}; short runs: ~1 min)")
+    p.add_argument("--val-iters", type=int, help=f"validation batches per epoch (default {d['val_iters']}; "
+                                                  "short runs: 1/10)")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"), help="patch (default: the plans')")
     p.add_argument("--batch-size", type=int, help="batch size over all processes (default: the plans')")
     p.add_argument("--optimizer", choices=("sgd", "adamw"),
-                   help="sgd (the paper's: Nesterov, momentum 0.99) or adamw (default: the recipe's)")
-    p.add_argument("--lr", type=float, help="initial learning rate (default: sgd 1e-2, short runs adamw 3e-3)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default=None,
+                   help=f"sgd (the paper's: Nesterov, momentum {d['momentum']:g}) or adamw (default: the recipe's)")
+    p.add_argument("--lr", type=float,
+                   help=f"initial learning rate (default: sgd {_num(PAPER_LR)}, short runs adamw 3e-3)")
+    p.add_argument("--device", default=d["device"], help="cpu, cuda or auto (default %(default)s)")
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="mixed precision (default: bf16 on CUDA where supported, off on CPU)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=d["workers"],
+                   help="data-loading processes per training process (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (default %(default)s)")
     p.add_argument("--time-budget", type=float, metavar="MINUTES",
                    help="the whole job's budget: training, validation and the final validation end within it")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder exactly")
@@ -50,22 +63,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..runtime import fit_cpu_threads, tune_cpu_allocator
-    from ..training.config import TrainConfig
+    from ..runtime import fit_cpu_threads, resolve_amp, resolve_device, tune_cpu_allocator
+    from ..training.config import TRAIN_DEVICES, TrainConfig
     from ..training.trainer import Trainer, TrainingInterrupted
 
     tune_cpu_allocator()
 
     fold = args.fold if args.fold == "all" else _int(args.fold, "fold")
     device = args.device
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    resolved = resolve_device(device, kinds=TRAIN_DEVICES)  # the trainer picks each process's GPU
+    if resolved.type == "cpu":
         fit_cpu_threads()  # only the cores other processes leave free (the trainer's log says how many)
-    amp = args.amp
-    if amp is None:
-        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
+    amp = resolve_amp(args.amp, resolved)
     given = {k: v for k, v in (("iters_per_epoch", args.iters), ("val_iters", args.val_iters)) if v is not None}
     cfg = TrainConfig(
         preset=args.preset, fold=fold, epochs=args.epochs, recipe=args.recipe, **given,
@@ -81,6 +90,12 @@ def run(args) -> int:
         print(f"unetrpp train: {e}", flush=True)
         return 143
     return 0
+
+
+def _num(x: float) -> str:
+    """A small number as the recipe writes it (``1e-2``, ``3e-5``), others as ``%g``."""
+    e = f"{x:.0e}"
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", e) if x < 0.1 and float(e) == x else f"{x:g}"
 
 
 def _int(v: str, name: str) -> int:

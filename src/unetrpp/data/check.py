@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import ImageReadError, NonFiniteError, read_image, read_json
-from ..parallel import worker_pool
+from ..parallel import parallel_map
 from .layout import _CHANNEL_RE, Case, Dataset, validate_dataset_json
 from .validate import label_problem
 
@@ -106,14 +106,7 @@ def check_dataset(root: str | os.PathLike, workers: int = 1, progress: bool = Fa
     problems += _extra_files(root, ds)
 
     jobs = [(c, ds.num_channels, ds.label_values) for c in cases]
-    results: list[list[Problem]]
-    if workers > 1 and len(jobs) > 1:
-        with worker_pool(workers) as pool:
-            it = pool.map(_check_case, *zip(*jobs, strict=True), chunksize=4)
-            results = list(with_progress(it, len(jobs), progress))
-    else:
-        results = [_check_case(*j) for j in with_progress(jobs, len(jobs), progress)]
-    for r in results:
+    for r in parallel_map(_check_case, jobs, workers, progress, desc="check", chunksize=4):
         problems += r
     return problems
 
@@ -143,12 +136,3 @@ def _extra_files(root: Path, ds: Dataset) -> list[Problem]:
                 out.append(Problem(case, f"{folder}/{entry}: channel count mismatch: channel {channel} found, "
                                          f"dataset.json declares {ds.num_channels} channel(s)"))  # fmt: skip
     return out
-
-
-def with_progress(it, total: int, enabled: bool, desc: str = "check"):
-    """``it`` with a tqdm bar over cases when ``enabled``."""
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="case")

@@ -28,7 +28,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..io import read_image, read_json, write_image
 from ..io.jsonio import atomic_write
-from ..parallel import worker_pool
+from ..parallel import parallel_map
 from .layout import fixed_split, kfold_splits, safe_case_name, write_dataset_json, write_splits
 
 BTCV_LABELS = {
@@ -70,14 +70,12 @@ def _need(path: Path) -> Path:
     return path
 
 
+def _call(fn: Callable, args: tuple):
+    return fn(*args)
+
+
 def _run(jobs: list[tuple[Callable, tuple]], workers: int) -> None:
-    if workers <= 1 or len(jobs) <= 1:
-        for fn, args in jobs:
-            fn(*args)
-        return
-    with worker_pool(workers) as pool:
-        for f in [pool.submit(fn, *args) for fn, args in jobs]:
-            f.result()
+    parallel_map(_call, jobs, workers)
 
 
 # ---------------------------------------------------------------------- Synapse / BTCV

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from ..errors import UserError
 from ..io import Geometry, write_image
-from ..parallel import worker_pool
+from ..parallel import parallel_map
 from .convert import BTCV_LABELS
 from .layout import kfold_splits, write_dataset_json, write_splits
 
@@ -222,13 +222,7 @@ def make_phantom_dataset(
     jobs = [(out, "imagesTr", "labelsTr", f"phantom_{i:03d}", (seed, i), contrast) for i in range(cases)]
     jobs += [(out, "imagesTs", "labelsTs", f"phantom_{cases + i:03d}", (seed, cases + i), contrast)
              for i in range(test)]
-    if workers > 1:
-        with worker_pool(workers) as pool:
-            for f in [pool.submit(_write_case, *j) for j in jobs]:
-                f.result()
-    else:
-        for j in jobs:
-            _write_case(*j)
+    parallel_map(_write_case, jobs, workers)
     write_dataset_json(
         out, ["CT"], BTCV_LABELS, cases, ".nii.gz", name="phantom",
         description=f"unetrpp synthetic abdominal CT ({'portal venous' if contrast else 'unenhanced'}), seed "

@@ -18,7 +18,8 @@ derive dataset-wide intensity statistics. The plans decide, in a readable JSON:
   voxel budget (64 x 128 x 128) and a first-stage token budget (32^3, the paper's): positional
   embeddings and token projections grow with the tokens, so the network stays near the paper's
   size whatever the data;
-* batch size (2, or the preset's).
+* the training recipe: batch size, batch Dice and the labels the online pseudo-Dice averages (the
+  defaults, or the preset's :data:`RECIPES`).
 
 ``plans.decisions`` lists each decision in a sentence; ``unetrpp plan`` prints them.
 
@@ -31,14 +32,14 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..io import read_case, read_image, write_json
-from ..parallel import worker_pool
-from .check import with_progress as _progress
+from ..parallel import parallel_map
 from .layout import Case, Dataset
 from .plans import Plans
 from .resample import ANISOTROPY_THRESHOLD, nonzero_bbox
@@ -53,6 +54,37 @@ MAX_STAGE1_TOKENS = 32 * 32 * 32
 ROUND_UP_LIMIT = 1.6
 #: The preset whose blocks an automatically planned network uses (only the stem and patch change).
 AUTO_BLOCKS = "synapse"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A preset's training recipe (spec section 3), written into the plans by planning."""
+
+    batch_size: int = 2  # the official training batch size
+    batch_dice: bool = False  # Dice summed over the batch (spec section 3: 2-stage plans) or per sample
+    protocol: str | None = None  # the evaluation protocol whose labels the paper scores (None: every label)
+
+
+#: The recipe of each preset; a network planned without a preset takes the defaults.
+RECIPES: dict[str, Recipe] = {
+    "synapse": Recipe(batch_dice=True, protocol="synapse8"),
+    "btcv": Recipe(batch_dice=True),
+    "acdc": Recipe(batch_size=4),
+    "tumor": Recipe(),
+    "lung": Recipe(batch_dice=True),
+}
+
+
+def eval_classes_for(preset: str | None, num_classes: int) -> list[int] | None:
+    """The labels the preset's paper evaluates (its protocol's), when the dataset has the preset's classes;
+    None (every foreground label) otherwise."""
+    from ..evaluation.evaluate import PROTOCOLS
+    from ..network.presets import get_preset
+
+    protocol = RECIPES.get(preset, Recipe()).protocol if preset is not None else None
+    if protocol is None or num_classes != get_preset(preset).config().out_channels:
+        return None
+    return sorted({v for region in PROTOCOLS[protocol].values() for v in region})
 
 
 def _fingerprint_case(case: Case, seed: int) -> dict:
@@ -87,12 +119,7 @@ def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = Fal
     if not cases:
         raise UserError(f"{dataset.root}: no training cases")
     args = [(c, seed + i) for i, c in enumerate(cases)]
-    if workers > 1 and len(args) > 1:
-        with worker_pool(workers) as pool:
-            it = pool.map(_fingerprint_case, *zip(*args, strict=False), chunksize=4)
-            results = list(_progress(it, len(args), progress, "fingerprint"))
-    else:
-        results = [_fingerprint_case(*a) for a in _progress(args, len(args), progress, "fingerprint")]
+    results = parallel_map(_fingerprint_case, args, workers, progress, desc="fingerprint", chunksize=4)
     stats = []
     for c, name in enumerate(dataset.channel_names):
         v = np.concatenate([r["samples"][c] for r in results])
@@ -212,15 +239,16 @@ def make_plans(
         p = get_preset(preset)
         base = p.config(in_channels=in_ch, out_channels=n_cls)
         stem = list(base.stem_stride)
-        batch = int(batch_size or p.batch_size)
-        batch_dice = p.batch_dice
-        eval_classes = list(p.eval_classes) if p.eval_classes and n_cls == p.config().out_channels else None
+        recipe = RECIPES.get(preset, Recipe())
+        batch = int(batch_size or recipe.batch_size)
+        batch_dice = recipe.batch_dice
+        eval_classes = eval_classes_for(preset, n_cls)
         decisions.append(f"network: preset {preset} (stem stride {tuple(stem)}, its blocks)")
     else:
         stem = stem_stride_for(target, median_shape)
         base = get_preset(AUTO_BLOCKS).config(in_channels=in_ch, out_channels=n_cls, stem_stride=stem,
                                               attn_dropout=0.1)
-        batch, batch_dice, eval_classes = int(batch_size or 2), False, None
+        batch, batch_dice, eval_classes = int(batch_size or Recipe.batch_size), Recipe.batch_dice, None
         decisions.append(f"network: {AUTO_BLOCKS} blocks, stem stride {tuple(stem)} from the spacing "
                          f"(tokens of about {_fmt([t * k for t, k in zip(target, stem, strict=True)])} mm)")
     divisor = [int(k) * 8 for k in stem]

@@ -7,37 +7,32 @@ Per case ``CASE``, in the output folder (default ``DATASET/preprocessed``):
 * ``CASE_locations.npy`` int32 ``(m, 4)`` rows ``(class, z, y, x)``: a seeded sample of up to
   10,000 voxels of each foreground class, for foreground oversampling;
 * ``CASE.json``          everything needed to undo the preprocessing (original geometry and shape,
-  crop box, spacings, shapes), written last: a case counts as done only when its JSON is there
-  and names the current plans, so an interrupted run leaves no half case behind.
+  crop box, spacings, shapes): a :class:`~unetrpp.data.restore.CaseProperties`, written last: a
+  case counts as done only when its JSON is there and names the current plans, so an interrupted
+  run leaves no half case behind.
 
-The order is nnU-Net's: crop to the nonzero box, normalise, resample. :func:`restore_label` and
-:func:`restore_probabilities` take a result on the preprocessed grid back to the original one.
+The order is nnU-Net's: crop to the nonzero box, normalise, resample. The restore methods of
+:class:`~unetrpp.data.restore.CaseProperties` take a result on the preprocessed grid back to the
+original one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..io import Geometry, read_case, read_image, read_json, write_json, write_npy
-from ..parallel import worker_pool
+from ..parallel import parallel_map
 from .layout import Case, Dataset, safe_case_name
 from .plan import load_plans
 from .plans import Plans
-from .resample import (
-    anisotropic_axis,
-    fill_holes,
-    new_shape_for,
-    nonzero_bbox,
-    resample_image,
-    resample_label,
-    resample_probabilities,
-)
+from .resample import fill_holes, new_shape_for, nonzero_bbox, resample_image, resample_label
+from .restore import CaseProperties, resampling_axis
 from .validate import require_declared_labels
 
 LOCATIONS_PER_CLASS = 10_000
@@ -74,14 +69,9 @@ def normalize(data: np.ndarray, plans: Plans | dict) -> np.ndarray:
     return data
 
 
-def _separate_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
-    axis = anisotropic_axis(spacing)
-    return axis if axis is not None else anisotropic_axis(target)
-
-
 def preprocess_array(
     data: np.ndarray, geometry: Geometry, plans: Plans | dict, label: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray | None, dict]:
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Crop, normalise and resample one case held in memory; returns ``(data, seg, properties)``."""
     plans = Plans.coerce(plans)
     if data.ndim == 3:
@@ -92,7 +82,7 @@ def preprocess_array(
     if not np.isfinite(data).all():
         raise UserError("image has NaN/inf voxels")
     order = plans.transpose_forward
-    if order:  # nnU-Net v1 plans: the network sees the axes in this order (``untranspose`` undoes it)
+    if order:  # nnU-Net v1 plans: the network sees the axes in this order (``CaseProperties.untranspose`` undoes it)
         data = np.ascontiguousarray(data.transpose(0, *(a + 1 for a in order)))
         label = None if label is None else label.transpose(order)
     shape = data.shape[1:]
@@ -105,25 +95,19 @@ def preprocess_array(
         spacing = tuple(spacing[a] for a in order)
     target = tuple(float(t) for t in plans.target_spacing)
     new_shape = new_shape_for(data.shape[1:], spacing, target)
-    axis = _separate_axis(spacing, target)
+    axis = resampling_axis(spacing, target)
     data = resample_image(data, new_shape, plans.resampling["image_order"], axis)
     seg = None
     if label is not None:
         if label.shape != shape:
             raise UserError(f"label shape {label.shape} differs from image shape {shape}")
         seg = resample_label(np.ascontiguousarray(label[crop]), new_shape, axis, plans.resampling["label_order"])
-    props = {
-        "plans_id": plans.id,
-        "geometry": geometry.to_json(),
-        "shape": list(shape),
-        "bbox": [list(b) for b in bbox],
-        "shape_after_crop": [b - a for a, b in bbox],
-        "spacing": list(spacing),
-        "target_spacing": list(target),
-        "shape_after_resampling": list(new_shape),
-    }
-    if order:
-        props["transpose_forward"] = list(order)
+    props = CaseProperties(
+        shape=tuple(int(n) for n in shape), bbox=tuple((int(a), int(b)) for a, b in bbox),
+        spacing=tuple(float(v) for v in spacing), target_spacing=target,
+        shape_after_resampling=tuple(int(n) for n in new_shape), geometry=geometry, plans_id=plans.id,
+        transpose_forward=tuple(int(a) for a in order) if order else None,
+    )
     return data, seg, props
 
 
@@ -164,7 +148,7 @@ def is_done(out_dir: Path, name: str, pid: str) -> bool:
         return False
 
 
-def preprocess_case(case: Case, plans: Plans | dict, out_dir: str | os.PathLike) -> dict:
+def preprocess_case(case: Case, plans: Plans | dict, out_dir: str | os.PathLike) -> CaseProperties:
     """Preprocess one training case and store it (data files first, the JSON marker last)."""
     out_dir = Path(out_dir)
     plans = Plans.coerce(plans)
@@ -179,12 +163,12 @@ def preprocess_case(case: Case, plans: Plans | dict, out_dir: str | os.PathLike)
     label = label.astype(_label_dtype(plans.num_classes))
     data, seg, props = preprocess_array(data, geometry, plans, label)
     locations = class_locations(seg, _case_seed(case.name))
-    props["name"] = case.name
-    props["class_voxels"] = {str(int(c)): int(n) for c, n in zip(*np.unique(seg, return_counts=True), strict=True)}
+    voxels = {int(c): int(n) for c, n in zip(*np.unique(seg, return_counts=True), strict=True)}
+    props = dataclasses.replace(props, name=case.name, class_voxels=voxels)
     write_npy(data, out_dir / f"{case.name}.npy")
     write_npy(seg, out_dir / f"{case.name}_seg.npy")
     write_npy(locations, out_dir / f"{case.name}_locations.npy")
-    write_json(props, out_dir / f"{case.name}.json")
+    write_json(props.to_dict(), out_dir / f"{case.name}.json")
     return props
 
 
@@ -217,32 +201,14 @@ def preprocess_dataset(
     pid = plans.id
     cases = ds.training_cases()
     todo = [c for c in cases if overwrite or not is_done(out_dir, c.name, pid)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="preprocess", unit="case")
-    try:
-        if workers > 1 and len(todo) > 1:
-            with worker_pool(workers) as pool:
-                futures = [pool.submit(_job, c, plans, out_dir) for c in todo]
-                for f in futures:
-                    f.result()
-                    if bar:
-                        bar.update()
-        else:
-            for c in todo:
-                _job(c, plans, out_dir)
-                if bar:
-                    bar.update()
-    finally:
-        if bar:
-            bar.close()
+    parallel_map(_job, [(c, plans, out_dir) for c in todo], workers, progress, desc="preprocess",
+                 done=len(cases) - len(todo))
     return {"cases": len(cases), "processed": len(todo), "skipped": len(cases) - len(todo), "out": str(out_dir)}
 
 
 def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
-    """``(data, seg, locations, properties)`` of a preprocessed case; arrays memory-mapped by default."""
+    """``(data, seg, locations, properties)`` of a preprocessed case; arrays memory-mapped by default,
+    the properties a :class:`~unetrpp.data.restore.CaseProperties`."""
     out_dir = Path(out_dir)
     safe_case_name(name, out_dir)
     mode = "r" if mmap else None
@@ -255,48 +221,6 @@ def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
             raise UserError(f"{path}: unreadable preprocessed array ({str(e).splitlines()[0][:120]}); rerun "
                              "`unetrpp preprocess` with --overwrite") from None
     data, seg, loc = arrays
-    return data, seg, loc, read_json(out_dir / f"{name}.json")
+    path = out_dir / f"{name}.json"
+    return data, seg, loc, CaseProperties.from_dict(read_json(path), str(path))
 
-
-# ---------------------------------------------------------------------- undo
-def _undo_args(props: dict):
-    crop_shape = tuple(props["shape_after_crop"])
-    axis = _separate_axis(props["spacing"], props["target_spacing"])
-    region = tuple(slice(a, b) for a, b in props["bbox"])
-    return crop_shape, axis, region
-
-
-def restore_label(seg: np.ndarray, props: dict) -> np.ndarray:
-    """A label map on the preprocessed grid -> the original grid (background outside the crop)."""
-    crop_shape, axis, region = _undo_args(props)
-    if tuple(seg.shape) != tuple(props["shape_after_resampling"]):
-        raise UserError(f"label shape {seg.shape} is not the preprocessed shape {props['shape_after_resampling']}")
-    out = np.zeros(props["shape"], dtype=seg.dtype)
-    out[region] = resample_label(np.asarray(seg), crop_shape, axis)
-    return untranspose(out, props)
-
-
-def restore_probabilities(probs: np.ndarray, props: dict) -> np.ndarray:
-    """``(k, z, y, x)`` probabilities on the preprocessed grid -> the original grid (background 1 outside)."""
-    crop_shape, axis, region = _undo_args(props)
-    if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
-        raise UserError(
-            f"probability shape {probs.shape[1:]} is not the preprocessed shape {props['shape_after_resampling']}"
-        )
-    out = np.zeros((probs.shape[0], *props["shape"]), dtype=np.float32)
-    out[0] = 1.0
-    out[(slice(None), *region)] = resample_probabilities(np.asarray(probs, np.float32), crop_shape, axis)
-    return untranspose(out, props, channels=True)
-
-
-def untranspose(arr: np.ndarray, props: dict, channels: bool = False) -> np.ndarray:
-    """An array on the original grid in the preprocessing's axis order (``transpose_forward``) -> (z, y, x)."""
-    order = props.get("transpose_forward")
-    if not order:
-        return arr
-    back = [int(a) for a in np.argsort(order)]
-    return np.ascontiguousarray(arr.transpose(0, *(b + 1 for b in back)) if channels else arr.transpose(back))
-
-
-def original_geometry(props: dict) -> Geometry:
-    return Geometry.from_json(props["geometry"])

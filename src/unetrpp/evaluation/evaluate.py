@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io import read_image
-from ..parallel import worker_pool
+from ..parallel import parallel_map
 from .metrics import compare_masks
 
 SYNAPSE8 = {"spleen": [1], "right_kidney": [2], "left_kidney": [3], "gallbladder": [4], "liver": [6],
@@ -84,11 +84,7 @@ def evaluate_pairs(
 ) -> dict:
     """Score ``(case, reference, prediction)`` triples on ``regions``; returns the summary dict."""
     jobs = [(n, Path(g), Path(p), regions, nsd_tolerance, official) for n, g, p in pairs]
-    if workers > 1 and len(jobs) > 1:
-        with worker_pool(workers) as pool:
-            cases = list(pool.map(_case_job, *zip(*jobs, strict=True)))
-    else:
-        cases = [_case_job(*j) for j in jobs]
+    cases = parallel_map(_case_job, jobs, workers)
     mean = {}
     for region in regions:
         rows = [c["regions"][region] for c in cases]

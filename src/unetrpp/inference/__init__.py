@@ -1,8 +1,25 @@
-"""Sliding-window inference, whole-case prediction, ensembles and model packages."""
+"""Sliding-window inference, whole-case prediction, ensembles, model packages and ONNX export.
 
-from .model import Model, load_model, read_package, write_package
-from .predictor import Prediction, Predictor
-from .sliding_window import gaussian_importance, sliding_window_probabilities, window_starts
+The names below are imported on first use, so ``import unetrpp.inference.sliding_window`` (what the
+command line reads its defaults from) does not load the whole prediction stack.
+"""
 
-__all__ = ["Model", "Prediction", "Predictor", "gaussian_importance", "load_model", "read_package",
-           "sliding_window_probabilities", "window_starts", "write_package"]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "Model": "model", "load_model": "model", "read_package": "model", "write_package": "model",
+    "Prediction": "predictor", "Predictor": "predictor",
+    "gaussian_importance": "sliding_window", "sliding_window_probabilities": "sliding_window",
+    "window_starts": "sliding_window", "Shortcuts": "sliding_window", "EXACT": "sliding_window",
+    "DEFAULT_SHORTCUTS": "sliding_window",
+    "export_onnx": "export",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,8 +21,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -31,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpoint
 from ..data.plans import Plans
-from ..errors import UserError
+from ..errors import UserError, refuse_unknown_fields
 
 FORMAT = "unetrpp-model"
 VERSION = 1
@@ -77,32 +76,34 @@ class Model:
 
 
 # ---------------------------------------------------------------------- reading
-def training_summary(ckpt: dict) -> dict:
+def training_summary(ckpt: Checkpoint) -> dict:
     """What a checkpoint says of its training, in plain JSON (for show-model and packages)."""
     out: dict = {}
-    cfg = ckpt.get("train_config")
-    if isinstance(cfg, dict):
-        out["train_config"] = {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-    history = ckpt.get("history")
-    if isinstance(history, list) and history and all(isinstance(h, dict) for h in history):
-        out["epochs"] = len(history)
-        out["iterations"] = int(sum(int(h.get("iterations", 0) or 0) for h in history))
-        last = history[-1]
+    t = ckpt.training
+    if t is None:
+        return out
+    if t.train_config is not None:
+        out["train_config"] = {k: v for k, v in t.train_config.items()
+                               if isinstance(v, (str, int, float, bool, list, type(None)))}
+    if t.history:
+        out["epochs"] = len(t.history)
+        out["iterations"] = int(sum(int(h.get("iterations", 0) or 0) for h in t.history))
+        last = t.history[-1]
         out["last_epoch"] = {k: v for k, v in last.items() if isinstance(v, (int, float, str)) and k != "epoch"}
     for key in ("elapsed", "best_ema"):
-        if isinstance(ckpt.get(key), (int, float)):
-            out[key] = float(ckpt[key])
+        if getattr(t, key) is not None:
+            out[key] = float(getattr(t, key))
     return out
 
 
 def _from_checkpoint(path: Path) -> tuple[Member, dict, list[str]]:
-    from ..checkpoint import build_model, load_checkpoint
+    from ..checkpoint import Checkpoint, build_model
 
-    ckpt = load_checkpoint(path)
-    network = build_model(ckpt, source=str(path))
-    plans = Plans.coerce(ckpt["plans"], f"{path}: plans")
-    labels = ckpt.get("labels") or plans.labels
-    channels = ckpt.get("channel_names") or plans.channel_names
+    ckpt = Checkpoint.load(path)
+    network = build_model(ckpt)
+    plans = ckpt.read_plans()
+    labels = ckpt.labels or plans.labels
+    channels = ckpt.channel_names or plans.channel_names
     return Member(network, plans, path.stem, str(path), training_summary(ckpt)), dict(labels), list(channels)
 
 
@@ -219,8 +220,9 @@ def read_package(path: str | os.PathLike) -> Model:
             digest = entry.get("weights_sha256")
             if digest is not None and digest != tensors_digest(state):
                 raise UserError(f"{where}: {weights} does not match its checksum (damaged or edited)")
-            network = build_model({"model_config": entry["model_config"], "state_dict": state}, source=f"{where}")
-            plans = Plans.coerce(entry["plans"], f"{where}: plans")
+            member = Checkpoint(entry["model_config"], state, entry["plans"], source=where)
+            network = build_model(member)
+            plans = member.read_plans()
             name = entry.get("name") if isinstance(entry.get("name"), str) else f"member{i}"
             training = entry.get("training") if isinstance(entry.get("training"), dict) else {}
             members.append(Member(network, plans, name, f"{source}[{weights}]", training))
@@ -265,13 +267,10 @@ def _holds_manifest(path: Path) -> bool:
 def expected_state(config: dict, source: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Name -> (shape, dtype) of the weights of a network of ``config``, worked out on the meta device
     (no memory for the tensors); a bad config is a one-line ``ValueError``."""
-    import dataclasses
 
     from ..network.unetrpp import UNETRPP, UNETRPPConfig
 
-    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(UNETRPPConfig)})
-    if unknown:
-        raise UserError(f"{source}: model_config has unknown keys {', '.join(map(str, unknown))}")
+    refuse_unknown_fields(config, UNETRPPConfig, f"{source}: model_config has unknown keys ")
     try:
         with torch.device("meta"):
             net = UNETRPP(**config)
@@ -417,7 +416,7 @@ def write_package(path: str | os.PathLike, members: Sequence[tuple[str, dict, di
 
     from .. import __version__
     from ..checkpoint import tensors_digest
-    from ..io.jsonio import follow_umask
+    from ..io.atomic import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -441,50 +440,20 @@ def write_package(path: str | os.PathLike, members: Sequence[tuple[str, dict, di
 
     text = (json.dumps(finite(manifest), indent=2, allow_nan=False, default=_default) + "\n").encode()
     if path.suffix == ".zip":
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as zf:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as zf:
                 zf.writestr(MANIFEST, text)
                 for name, blob in blobs.items():
                     zf.writestr(name, blob)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
             read_package(tmp)  # verified before it takes the final name
-            follow_umask(tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
+    with atomic_path(path, directory=True) as tmpdir:
         for name, blob in {MANIFEST: text, **blobs}.items():
-            with open(tmpdir / name, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            follow_umask(tmpdir / name)
-        read_package(tmpdir)
-        os.chmod(tmpdir, 0o777 & ~_umask())
-        old = None
-        if path.exists():
-            if not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
-                raise UserError(f"{path}: exists and is not a model package; give a new name")
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmpdir, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmpdir.exists():
-            shutil.rmtree(tmpdir, ignore_errors=True)
+            (tmpdir / name).write_bytes(blob)
+        read_package(tmpdir)  # verified before it takes the final name
+        if path.exists() and not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
+            raise UserError(f"{path}: exists and is not a model package; give a new name")
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -190,7 +190,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict:
     ``numpy.core.multiarray.scalar``; numpy 2 calls it ``numpy._core.multiarray.scalar``, so both
     names are allowed (and numpy arrays), nothing else beyond torch's own tensors and containers.
     """
-    from ..network.official import read_checkpoint
+    from ..network.weights import read_checkpoint
 
     return read_checkpoint(path)
 
@@ -474,13 +474,9 @@ def convert_plans(info: dict, state: dict[str, torch.Tensor], source: str, *, st
     batch = int(batch) if isinstance(batch, (int, np.integer)) and int(batch) > 0 else 2
     median = sp.get("median_patient_size_in_voxels")
     median = [float(v) for v in np.asarray(median, dtype=np.float64).reshape(-1)] if median is not None else []
-    eval_classes = None
-    if preset is not None:
-        from ..network.presets import get_preset
+    from ..data.plan import eval_classes_for
 
-        p = get_preset(preset)
-        if p.eval_classes is not None and k == p.config().out_channels:
-            eval_classes = list(p.eval_classes)
+    eval_classes = eval_classes_for(preset, k)
     frame = "(z, y, x)" if forward is None else f"(axes {tuple(forward)} of z, y, x)"
     decisions = [
         f"imported from the official nnU-Net v1 plans, stage {stage}",
@@ -537,8 +533,8 @@ def import_official(model_file: str | os.PathLike, pkl_file: str | os.PathLike |
     Returns ``(package path, summary)``. Errors are one-line ``ValueError``/``FileNotFoundError``
     naming the file.
     """
-    from ..network.official import convert_official_state_dict, extract_state_dict
     from ..network.unetrpp import UNETRPP
+    from ..network.weights import convert_official_state_dict, extract_state_dict
     from .model import sha256_file, write_package
 
     model_file = Path(model_file)

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import build_model, load_checkpoint
+from ..checkpoint import Checkpoint, build_model
 from ..data.plans import Plans
-from ..data.preprocess import _undo_args, preprocess_array, untranspose
-from ..data.resample import resample_volume
+from ..data.preprocess import preprocess_array
+from ..data.restore import CaseProperties
 from ..errors import UserError
 from ..io import Geometry, read_case
-from .sliding_window import DEFAULT_SHORTCUTS, MIRROR_AXES, Shortcuts, sliding_window_probabilities
+from ..runtime import resolve_amp, resolve_device
+from .sliding_window import DEFAULT_SHORTCUTS, DEFAULT_STEP, MIRROR_AXES, Shortcuts, sliding_window_probabilities
 
 
 @dataclass
@@ -26,50 +27,6 @@ class Prediction:
     label: np.ndarray  # (z, y, x), uint8 (int16 beyond 255 classes)
     geometry: Geometry
     probabilities: np.ndarray | None = None  # (k, z, y, x) float32 on the input's grid
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available (this torch build or machine has none)")
-    return device
-
-
-def resolve_amp(amp: str | None, device: torch.device) -> str:
-    if amp in (None, "auto"):
-        if device.type != "cuda":
-            return "off"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return amp
-
-
-def restore_label_from_probabilities(probs: torch.Tensor | np.ndarray, props: dict) -> np.ndarray:
-    """Arg-max of the probabilities after resampling them to the original grid, one class at a time.
-
-    Equivalent to resampling all ``k`` channels (linear, the low-resolution axis nearest) then taking
-    the arg-max, but holds only two crop-sized float32 volumes, not ``k``.
-    """
-    crop_shape, axis, region = _undo_args(props)
-    probs = probs if isinstance(probs, np.ndarray) else probs.detach().cpu().numpy()
-    if tuple(probs.shape[1:]) != tuple(props["shape_after_resampling"]):
-        raise UserError(f"probability shape {probs.shape[1:]} is not the preprocessed shape "
-                         f"{props['shape_after_resampling']}")
-    k = probs.shape[0]
-    dtype = np.uint8 if k <= 256 else np.int16
-    best = np.full(crop_shape, -1.0, dtype=np.float32)
-    arg = np.zeros(crop_shape, dtype=dtype)
-    for c in range(k):
-        p = probs[c]
-        m = resample_volume(np.ascontiguousarray(p, dtype=np.float32), crop_shape, 1, axis) \
-            if p.shape != tuple(crop_shape) else p
-        better = m > best
-        best[better] = m[better]
-        arg[better] = c
-    out = np.zeros(props["shape"], dtype=dtype)
-    out[region] = arg
-    return untranspose(out, props)
 
 
 class Predictor:
@@ -88,7 +45,7 @@ class Predictor:
         plans: Plans | dict,
         labels: dict[str, int] | None = None,
         device: str | torch.device | None = "auto",
-        step: float = 0.5,
+        step: float = DEFAULT_STEP,
         tta: bool = True,
         batch: int | None = None,
         amp: str | None = "auto",
@@ -119,9 +76,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
                         **kwargs) -> Predictor:
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt, source=str(path))
-        return cls(model, ckpt["plans"], ckpt.get("labels"), device=device, **kwargs)
+        ckpt = Checkpoint.load(path)
+        return cls(build_model(ckpt), ckpt.read_plans(), ckpt.labels, device=device, **kwargs)
 
     @classmethod
     def from_model(cls, model, device: str | torch.device | None = "auto", **kwargs) -> Predictor:
@@ -169,19 +125,16 @@ class Predictor:
             if ds:
                 net.deep_supervision = True
 
-    def predict_preprocessed(self, data: np.ndarray, props: dict, return_probabilities: bool = False) -> Prediction:
-        """Predict a case already preprocessed (``props`` as written by preprocessing) onto its original grid."""
+    def predict_preprocessed(self, data: np.ndarray, props: CaseProperties | dict,
+                             return_probabilities: bool = False) -> Prediction:
+        """Predict a case already preprocessed (``props`` as preprocessing made it) onto its original grid."""
         probs = self.probabilities_preprocessed(data)
-        return self._finish(probs, props, return_probabilities)
+        return self._finish(probs, CaseProperties.coerce(props), return_probabilities)
 
-    def _finish(self, probs: torch.Tensor, props: dict, return_probabilities: bool) -> Prediction:
-        label = restore_label_from_probabilities(probs, props)
-        full = None
-        if return_probabilities:
-            from ..data.preprocess import restore_probabilities
-
-            full = restore_probabilities(probs.cpu().numpy(), props)
-        return Prediction(self._postprocess(label), Geometry.from_json(props["geometry"]), full)
+    def _finish(self, probs: torch.Tensor, props: CaseProperties, return_probabilities: bool) -> Prediction:
+        label = props.restore_label_from_probabilities(probs)
+        full = props.restore_probabilities(probs.cpu().numpy()) if return_probabilities else None
+        return Prediction(self._postprocess(label), props.original_geometry(), full)
 
     def _postprocess(self, label: np.ndarray) -> np.ndarray:
         if not self.postprocessing:
@@ -223,14 +176,11 @@ class Predictor:
             pre, _, props = preprocess_array(data, geometry, plans)
             return self._finish(self.probabilities_preprocessed(pre, nets), props, return_probabilities)
         # members trained at different spacings: average on the input's grid
-        from ..data.preprocess import restore_probabilities
-
         total = props = None
         for plans, *nets in groups.values():
             pre, _, props = preprocess_array(data, geometry, plans)
-            full = restore_probabilities(self.probabilities_preprocessed(pre, nets).cpu().numpy(), props)
+            full = props.restore_probabilities(self.probabilities_preprocessed(pre, nets).cpu().numpy())
             full *= len(nets) / len(self.members)
             total = full if total is None else np.add(total, full, out=total)
         label = total.argmax(0).astype(np.uint8 if total.shape[0] <= 256 else np.int16)
-        return Prediction(self._postprocess(label), Geometry.from_json(props["geometry"]),
-                          total if return_probabilities else None)
+        return Prediction(self._postprocess(label), props.original_geometry(), total if return_probabilities else None)

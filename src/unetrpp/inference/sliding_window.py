@@ -17,13 +17,12 @@ Shortcuts (:class:`Shortcuts`; ``EXACT`` turns them off and is the protocol abov
   wherever it lies, so each distinct such window is computed once (with its mirrors) and reused.
   Exact up to the rounding of a different batch composition.
 * ``mirror_margin`` / ``mirror_step``: with mirroring, every window is first run unmirrored; the
-  7 mirrored passes then cover only the voxels where that blended first answer is unsure (top-1
-  minus top-2 probability below the margin), on windows tiling their bounding box with a coarser
-  step, each voxel averaging every pass that covered it with its Gaussian weight. Where the network
-  is sure, averaging the mirrors does not move the arg-max; the defaults were chosen by
-  measurement (docs/benchmarks.md, ``benchmarks/fast_predict.py``): margin 0.3, step 1; on 52
-  hippocampus MRIs their Dice was within 0.0003 per class of the exact protocol's, at 0.39x the
-  network passes.
+  7 mirrored passes then run only on the windows holding a voxel where that blended first answer
+  is unsure (top-1 minus top-2 probability below the margin), so every unsure voxel gets exactly
+  the exact protocol's answer (``mirror_step``: a coarser grid of mirrored windows instead, not
+  exact). Where the network is sure, averaging the mirrors does not move the arg-max. The default
+  (:data:`DEFAULT_SHORTCUTS`) was chosen by measurement (docs/benchmarks.md,
+  ``benchmarks/fast_predict.py``): it changed no voxel on the real CT and hippocampus MRIs.
 """
 
 from __future__ import annotations
@@ -31,15 +30,17 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runtime import autocast
 
 MIRROR_AXES = (0, 1, 2)
+#: Windows start ``step * patch`` apart (the official protocol's 0.5).
+DEFAULT_STEP = 0.5
 
 
 @dataclass(frozen=True)
@@ -128,16 +129,6 @@ def _pad_to(image: torch.Tensor, patch: Sequence[int]) -> tuple[torch.Tensor, tu
     return torch.nn.functional.pad(image, flat), tuple(region)
 
 
-def autocast_for(device: torch.device, amp: str) -> object:
-    """An autocast context for ``amp`` in ``off | bf16 | fp16`` (fp16 only on CUDA)."""
-    if amp == "off":
-        return nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise UserError(f"amp must be off, bf16 or fp16, got {amp!r}")
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("fp16 autocast needs a CUDA device; use --amp bf16 or off on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
 
 @torch.no_grad()
 def sliding_window_probabilities(
@@ -145,7 +136,7 @@ def sliding_window_probabilities(
     image: torch.Tensor | np.ndarray,
     patch_size: Sequence[int],
     num_classes: int,
-    step: float = 0.5,
+    step: float = DEFAULT_STEP,
     mirror_axes: Sequence[int] = MIRROR_AXES,
     batch: int = 2,
     device: str | torch.device = "cpu",
@@ -230,7 +221,7 @@ def _passes(network, x: torch.Tensor, flips: list[list[int]], device, amp) -> It
     for axes in flips:
         dims = [a + 2 for a in axes]
         xi = torch.flip(x, dims) if dims else x
-        with autocast_for(device, amp):
+        with autocast(device, amp):
             logits = network(xi)
         p = torch.softmax(logits.float(), dim=1)
         yield torch.flip(p, dims) if dims else p

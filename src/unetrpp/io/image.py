@@ -12,6 +12,7 @@ so an interrupted write never leaves a half-written volume under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .jsonio import follow_umask
+from .atomic import atomic_path
 
 #: File endings we read and write, longest first so ``.nii.gz`` wins over ``.gz``.
 FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -425,7 +426,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     """Write a 3D ``(z, y, x)`` array with ``geometry`` to ``path`` atomically (format from the ending)."""
     sitk = _sitk()
     path = Path(path)
-    stem, ending = split_ending(path)
+    ending = split_ending(path)[1]
     if not ending:
         raise ImageWriteError(f"{path}: unknown file type; use one of {', '.join(FILE_ENDINGS)}")
     array = np.asarray(array)
@@ -442,42 +443,34 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     path.parent.mkdir(parents=True, exist_ok=True)
     if ending in (".mhd", ".nhdr"):
         return _write_pair(image, array, geometry, path, compress)
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(stem).name}.", suffix=f".partial{ending}", dir=path.parent)
-    os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
-        _verify_written(tmp, array, geometry, path)
-        follow_umask(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=ending) as tmp:
+            sitk.WriteImage(image, str(tmp), compress)
+            _verify_written(str(tmp), array, geometry, path)
     except RuntimeError as e:
         raise ImageWriteError(f"{path}: {_first_line(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
 def _write_pair(image, array: np.ndarray, geometry: Geometry, path: Path, compress: bool) -> Path:
-    """A header + data file format (``.mhd``, ``.nhdr``): written and verified in a hidden folder beside
-    ``path`` under the final names (the header names its data file), then the data file is renamed
-    into place and the header last, so an existing header always has its complete data."""
-    import shutil
-
+    """A header + data file format (``.mhd``, ``.nhdr``): written, synced and verified in a hidden folder
+    beside ``path`` under the final names (the header names its data file), then each file is moved in
+    through :func:`atomic_path`, the data file first and the header last, so an existing header always
+    has its complete data."""
     sitk = _sitk()
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        header = folder / path.name
-        sitk.WriteImage(image, str(header), compress)
-        data_files = [f for f in folder.iterdir() if f.name != path.name]
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".partial", dir=path.parent,
+                                     ignore_cleanup_errors=True) as folder:
+        header = Path(folder) / path.name
+        try:
+            sitk.WriteImage(image, str(header), compress)
+        except RuntimeError as e:
+            raise ImageWriteError(f"{path}: {_first_line(e)}") from None
+        data_files = [f for f in Path(folder).iterdir() if f.name != path.name]
         for f in data_files:
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         _verify_written(str(header), array, geometry, path)
-        for f in [*data_files, header]:
-            follow_umask(str(f))
-            os.replace(f, path.parent / f.name)
-    except RuntimeError as e:
-        raise ImageWriteError(f"{path}: {_first_line(e)}") from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.ExitStack() as renames:  # left in reverse: the data files take their names first
+            for f in [header, *data_files]:
+                os.replace(f, renames.enter_context(atomic_path(path.parent / f.name)))
     return path

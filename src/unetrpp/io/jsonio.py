@@ -10,38 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .atomic import atomic_path
 
 
-def follow_umask(path: str | os.PathLike) -> None:
-    """Give a temporary file (created 0600) the mode a plain ``open`` would have given it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, sync it, then rename it into place.
-
-    A short write (a full disk) raises from ``write``, ``flush`` or ``fsync``, before the rename:
-    the final name then keeps its previous content, and no temporary file is left.
-    """
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temporary file (binary) beside ``path``; :func:`atomic_path` syncs it and
+    renames it into place. A short write raises before the rename, naming ``path``: the final name keeps
+    its previous content, and no temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None and e.errno is not None:  # a short write names no file: name the one we were writing
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
     return path
 
 

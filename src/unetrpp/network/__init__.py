@@ -1,6 +1,11 @@
-"""The UNETR++ network: pure ``nn.Module``s (this package imports torch, and of ours only ``unetrpp.errors``)."""
+"""The UNETR++ network: pure ``nn.Module``s (this package imports torch, and of ours only ``unetrpp.errors``).
 
-from ._mode import reference_math
+``blocks.py``, ``epa.py`` and ``unetrpp.py`` are the model, each block with a reference forward
+(the paper's op order) and a fast one (``dual.py``); ``kernels/`` holds the numerical kernels of
+the fast forwards; ``weights.py`` reads and writes weights, ours and the official ones.
+"""
+
+from .dual import reference_math
 from .epa import EPA
 from .presets import PRESETS, Preset, create_model, get_preset
 from .unetrpp import UNETRPP, UNETRPPConfig

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._mode import reference_math
+from .dual import reference_math
 from .unetrpp import UNETRPP
 
 aten = torch.ops.aten

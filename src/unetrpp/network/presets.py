@@ -10,15 +10,16 @@ from .unetrpp import UNETRPP, UNETRPPConfig
 
 @dataclass(frozen=True)
 class Preset:
-    """A named configuration: constructor arguments plus what the paper says about it."""
+    """A named network: constructor arguments plus the parameter count of the official one.
+
+    The training recipe of each (batch, batch Dice, evaluated labels) is planning's:
+    :data:`unetrpp.data.plan.RECIPES`.
+    """
 
     name: str
     description: str
     kwargs: dict = field(default_factory=dict)
     official_params: int | None = None
-    batch_size: int = 2  # the official training batch size (spec section 3)
-    batch_dice: bool = False  # Dice summed over the batch (spec section 3: 2-stage plans) or per sample
-    eval_classes: tuple[int, ...] | None = None  # the labels the paper evaluates (None: every foreground class)
 
     def config(self, **overrides) -> UNETRPPConfig:
         return UNETRPPConfig(**{**self.kwargs, **overrides})
@@ -35,8 +36,6 @@ PRESETS: dict[str, Preset] = {
             dict(_COMMON, in_channels=1, out_channels=14, img_size=(64, 128, 128), stem_stride=(2, 4, 4),
                  kv_proj="shared", fusion="concat", conv_blocks=1, attn_dropout=0.15),
             official_params=42_952_850,
-            batch_dice=True,
-            eval_classes=(1, 2, 3, 4, 6, 7, 8, 11),
         ),
         Preset(
             "btcv",
@@ -44,7 +43,6 @@ PRESETS: dict[str, Preset] = {
             dict(_COMMON, in_channels=1, out_channels=14, img_size=(64, 128, 128), stem_stride=(2, 4, 4),
                  kv_proj="shared", fusion="concat", conv_blocks=1, attn_dropout=0.15),
             official_params=42_952_850,
-            batch_dice=True,
         ),
         Preset(
             "acdc",
@@ -52,7 +50,6 @@ PRESETS: dict[str, Preset] = {
             dict(_COMMON, in_channels=1, out_channels=4, img_size=(16, 160, 160), stem_stride=(1, 4, 4),
                  kv_proj="separate", fusion="concat", conv_blocks=2, attn_dropout=0.1),
             official_params=66_796_404,
-            batch_size=4,
         ),
         Preset(
             "tumor",
@@ -67,7 +64,6 @@ PRESETS: dict[str, Preset] = {
             dict(_COMMON, in_channels=1, out_channels=2, img_size=(32, 192, 192), stem_stride=(1, 4, 4),
                  kv_proj="separate", fusion="concat", conv_blocks=2, attn_dropout=0.1),
             official_params=121_174_798,
-            batch_dice=True,
         ),
     )
 }

@@ -1,12 +1,14 @@
-"""UNETR++: one parameterised implementation of every official variant."""
+"""UNETR++: one parameterised implementation of every official variant.
+
+The blocks are in ``blocks.py`` and ``epa.py``; persistence (``save_pretrained``,
+``from_pretrained``, official checkpoints) in ``weights.py``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,22 +17,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
-from .blocks import (
-    Downsample,
-    OutputStage,
-    ResConvBlock,
-    TokenHead,
-    TransformerBlock,
-    UpBlock,
-    tokens_to_volume,
-    volume_to_tokens,
-)
+from ..errors import UserError, refuse_unknown_fields
+from .blocks import Downsample, OutputStage, ResConvBlock, TokenHead, TransformerBlock, UpBlock
+from .dual import set_fast
 from .epa import FUSIONS, HEAD_MERGES, KV_PROJECTIONS
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+from .kernels import tokens_to_volume, volume_to_tokens
 
 
 def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -56,7 +47,7 @@ def valid_sizes_near(size: int, multiple: int) -> tuple[int, int]:
 
 @dataclass
 class UNETRPPConfig:
-    """Every constructor argument of :class:`UNETRPP`; serialised as ``config.json``.
+    """Every constructor argument of :class:`UNETRPP` but ``fast``; serialised as ``config.json``.
 
     The fields below ``num_heads`` are the real differences between the official variants.
     """
@@ -169,10 +160,7 @@ class UNETRPPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> UNETRPPConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown UNETR++ config fields: {', '.join(unknown)}")
+        refuse_unknown_fields(d, cls, "unknown UNETR++ config fields: ")
         return cls(**d)
 
 
@@ -201,6 +189,12 @@ class UNETRPP(nn.Module):
             official weights) or ``"standard"``.
         deep_supervision: build the two extra heads; ``forward`` then returns
             ``[full, 1/2-stage, 1/4-stage]`` logits while :attr:`deep_supervision` is True.
+        fast: run every block's fast forward (kernels; the default) or its reference forward (the
+            official op order in plain PyTorch, the same function); see :meth:`set_fast`. Not part
+            of the config: it changes no weight and no output beyond float rounding.
+
+    The arguments other than ``fast`` are the fields of :class:`UNETRPPConfig`, with its defaults
+    (:meth:`from_config` builds from one); they are kept as :attr:`config`.
 
     Examples:
         >>> import torch
@@ -212,9 +206,37 @@ class UNETRPP(nn.Module):
         ((1, 3, 32, 64, 64), (1, 3, 16, 16, 16), (1, 3, 8, 8, 8))
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 14, img_size=(64, 128, 128), **kwargs) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 14,
+        img_size: int | Sequence[int] = (64, 128, 128),
+        *,
+        feature_size: int = 16,
+        depths: Sequence[int] = (3, 3, 3, 3),
+        decoder_depths: Sequence[int] = (3, 3, 3),
+        num_heads: int = 4,
+        proj_size: int | Sequence[int] = (64, 64, 64, 32),
+        decoder_proj_size: int = 64,
+        stem_stride: int | Sequence[int] = (2, 4, 4),
+        stem_norm_groups: int | None = None,
+        kv_proj: str = "shared",
+        fusion: str = "concat",
+        conv_blocks: int = 1,
+        attn_dropout: float = 0.15,
+        proj_dropout: float = 0.1,
+        head_merge: str = "official",
+        deep_supervision: bool = True,
+        fast: bool = True,
+    ) -> None:
         super().__init__()
-        cfg = UNETRPPConfig(in_channels=in_channels, out_channels=out_channels, img_size=img_size, **kwargs)
+        cfg = UNETRPPConfig(
+            in_channels=in_channels, out_channels=out_channels, img_size=img_size, feature_size=feature_size,
+            depths=depths, decoder_depths=decoder_depths, num_heads=num_heads, proj_size=proj_size,
+            decoder_proj_size=decoder_proj_size, stem_stride=stem_stride, stem_norm_groups=stem_norm_groups,
+            kv_proj=kv_proj, fusion=fusion, conv_blocks=conv_blocks, attn_dropout=attn_dropout,
+            proj_dropout=proj_dropout, head_merge=head_merge, deep_supervision=deep_supervision,
+        )
         self.config = cfg
         d0, d1, d2, d3 = cfg.dims
         f = cfg.feature_size
@@ -255,6 +277,24 @@ class UNETRPP(nn.Module):
         #: memory for time; the full-resolution conv stages are always kept). Outputs and gradients
         #: are unchanged: dropout masks are replayed from the saved RNG state.
         self.activation_checkpointing = False
+        self.set_fast(fast)
+
+    @classmethod
+    def from_config(cls, config: UNETRPPConfig | dict, fast: bool = True) -> UNETRPP:
+        """Build from a :class:`UNETRPPConfig` (or its :meth:`~UNETRPPConfig.to_dict`)."""
+        cfg = config if isinstance(config, UNETRPPConfig) else UNETRPPConfig.from_dict(config)
+        return cls(**cfg.to_dict(), fast=fast)
+
+    # ------------------------------------------------------------------ implementation choice
+    def set_fast(self, fast: bool = True) -> UNETRPP:
+        """Make every block run its fast forward (True) or its reference forward (False); returns ``self``.
+
+        Both compute the same function (``tests/network/test_fast_vs_reference.py``). The reference
+        is the official op order in plain PyTorch: edit a block's ``forward_reference`` and a model
+        with ``set_fast(False)`` trains with the edit. :func:`~unetrpp.network.reference_math`
+        forces the reference for the duration of a ``with`` block instead.
+        """
+        return set_fast(self, fast)
 
     # ------------------------------------------------------------------ behaviour switches
     @property
@@ -286,8 +326,9 @@ class UNETRPP(nn.Module):
         cfg = self.config
         shapes = cfg.stage_shapes
         x = _channels_last(x)
-        full = self.stem_block(x)
+        full = self.stem_block(x)  # official encoder1: the full-resolution skip
 
+        # Encoder (spec 1.1): patch embedding / downsampling, then EPA blocks on tokens.
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         feats = []
         h = x
@@ -298,6 +339,8 @@ class UNETRPP(nn.Module):
             feats.append(t)
             h = tokens_to_volume(t, shapes[i])
 
+        # Decoder: upsample, add the encoder skip, EPA blocks (decoder5/4/3); then the conv-only
+        # full-resolution stage (decoder2) and the 1x1x1 heads.
         t = feats[3]
         decoded = []
         for j, up in enumerate(self.decoder):
@@ -311,40 +354,16 @@ class UNETRPP(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (atomically per file)."""
-        from safetensors.torch import save_file
+        from .weights import save_pretrained
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        meta = {"model": "UNETRPP", "format_version": FORMAT_VERSION, "config": self.config.to_dict()}
-        _atomic_write(path / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
-        return path
+        return save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> UNETRPP:
         """Rebuild a model saved by :meth:`save_pretrained` (no pickle is read)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .weights import from_pretrained
 
-        path = Path(path)
-        cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: missing (a saved UNETR++ model is a folder with "
-                                        f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads(cfg_file.read_text())
-            cfg = meta["config"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{cfg_file}: not a UNETR++ config ({e})") from None
-        model = cls(**cfg)
-        try:
-            state = load_file(str(weights), device=str(map_location))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{weights}: unreadable safetensors file ({e})") from None
-        load_state_dict_checked(model, state, source=str(weights))
-        return model
+        return from_pretrained(path, map_location, cls=cls)
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -358,34 +377,3 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) != 1 and x.shape[1] == 1:
         x = torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
     return x
-
-
-def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with a one-line error naming the first bad key and shape."""
-    own = model.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            raise UserError(f"{source}: missing key {key!r} (expected shape {tuple(value.shape)})")
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"{source}: key {key!r} has shape {tuple(state[key].shape)}, "
-                             f"the model expects {tuple(value.shape)}")
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise UserError(f"{source}: unexpected key {extra[0]!r} (shape {tuple(state[extra[0]].shape)})"
-                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    model.load_state_dict(state, strict=True)
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``target``: readers never see a half file."""
-    from ..io.jsonio import follow_umask
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        follow_umask(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

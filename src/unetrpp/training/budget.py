@@ -82,9 +82,10 @@ def measure_step(model_config: dict, batch: int, device: torch.device, amp: str 
                  steps: int = 4) -> tuple[float, float]:
     """Seconds of one training step (the median after the first: one sample can be lucky on a shared
     machine) and of one inference window."""
-    from ..inference.sliding_window import autocast_for
     from ..network.unetrpp import UNETRPP
+    from ..runtime import autocast, synchronizer
     from .loss import DeepSupervisionLoss, DiceCELoss
+    from .step import train_step
 
     rng = torch.get_rng_state()
     try:
@@ -94,24 +95,19 @@ def measure_step(model_config: dict, batch: int, device: torch.device, amp: str 
         cfg = model.config
         x = torch.randn(batch, cfg.in_channels, *cfg.img_size, device=device)
         y = torch.randint(0, cfg.out_channels, (batch, *cfg.img_size), device=device)
+        sync = synchronizer(device) or (lambda: None)
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            with autocast_for(device, amp):
-                out = model(x)
-            loss_fn(out, y).backward()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            train_step(model, opt, loss_fn, x, y, amp=amp, grad_clip=None, check_finite=False)
+            sync()
             times.append(time.perf_counter() - t0)
         model.eval()
         model.deep_supervision = False
-        with torch.no_grad(), autocast_for(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             t0 = time.perf_counter()
             model(x[:1])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync()
             fwd = time.perf_counter() - t0
         return statistics.median(times[1:] or times), fwd
     finally:

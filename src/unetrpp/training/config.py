@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ..errors import UserError
-from .augment import AugmentConfig
+from ..errors import UserError, refuse_unknown_fields
+from ..runtime import AMP_MODES
 
-AMP_MODES = ("off", "bf16", "fp16")
+if TYPE_CHECKING:
+    from .augment import AugmentConfig
+
+#: The device types training runs on (``TrainConfig.device`` is one of them, ``cuda:N``, or ``"auto"``).
+TRAIN_DEVICES = ("cpu", "cuda")
+#: The paper's SGD learning rate (``TrainConfig.lr`` None with the SGD optimizer). The rest of the
+#: recipe (momentum, Nesterov, weight decay, poly exponent, gradient clipping) is ``TrainConfig``'s
+#: defaults; the trainer and the benchmarks read them from there.
+PAPER_LR = 1e-2
 
 
 @dataclass
@@ -31,13 +40,13 @@ class TrainConfig:
     batch_size: int | None = None  # None: the plans' (per step, summed over processes)
     patch_size: list[int] | None = None  # None: the plans'
     optimizer: str | None = None  # "sgd" (the paper's: Nesterov) or "adamw"; None: the recipe's
-    lr: float | None = None  # None: the recipe's (sgd 1e-2, short runs adamw 3e-3)
+    lr: float | None = None  # None: the recipe's (sgd PAPER_LR 1e-2, short runs adamw 3e-3)
     momentum: float = 0.99
     nesterov: bool = True
     weight_decay: float = 3e-5
     poly_exponent: float = 0.9
     grad_clip: float = 12.0
-    batch_dice: bool | None = None  # None: the preset's
+    batch_dice: bool | None = None  # None: the plans' (the recipe of data.plan.RECIPES)
     oversample_foreground: float = 0.33
     augment: dict = field(default_factory=dict)  # AugmentConfig fields overriding the defaults
     amp: str = "off"
@@ -45,7 +54,7 @@ class TrainConfig:
     seed: int = 42
     workers: int = 2  # background processes drawing augmented batches (per training process)
     ema_alpha: float = 0.9
-    online_eval_classes: list[int] | None = None  # None: the preset's (synapse: the 8 organs), else all
+    online_eval_classes: list[int] | None = None  # None: the plans' eval_classes, else all
     time_budget_min: float | None = None
     final_validation: bool = True
     final_validation_tta: bool = True
@@ -78,11 +87,13 @@ class TrainConfig:
             raise UserError(f"time budget must be positive, got {self.time_budget_min} min")
         if not (isinstance(self.fold, int) or self.fold == "all"):
             raise UserError(f"fold must be an int or 'all', got {self.fold!r}")
-        bad = set(self.augment) - {f.name for f in dataclasses.fields(AugmentConfig)}
-        if bad:
-            raise UserError(f"unknown augmentation fields: {', '.join(sorted(bad))}")
+        from .augment import AugmentConfig  # scipy: not at import, so the CLI reads the defaults cheaply
+
+        refuse_unknown_fields(self.augment, AugmentConfig, "unknown augmentation fields: ")
 
     def augment_config(self, dummy_2d: bool) -> AugmentConfig:
+        from .augment import AugmentConfig
+
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in self.augment.items()}
         kw.setdefault("dummy_2d", dummy_2d)
         return AugmentConfig(**kw)
@@ -92,8 +103,5 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UserError(f"unknown training config fields: {', '.join(unknown)}")
+        refuse_unknown_fields(d, cls, "unknown training config fields: ")
         return cls(**d)

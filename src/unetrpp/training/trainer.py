@@ -15,7 +15,8 @@ Progress: a line (iteration, loss, it/s, ETA) at least every ``log_every_s`` sec
 
 Exact resume: every batch of patches is drawn from ``(seed, epoch, rank, batch index)`` whichever
 worker draws it, dropout is seeded from ``(seed, rank, epoch)``, and the checkpoint holds the
-model, optimizer, scaler, epoch, iteration, EMA, history and RNG states; a run killed at any point
+model, optimizer, scaler, epoch, iteration, EMA, history, RNG states and the kernels chosen by
+timing (``kernels.WEIGHT_GRAD_CHOICES``, restored before the first step); a run killed at any point
 and resumed from ``checkpoint_latest.pt`` continues exactly as it would have run (with a time
 budget the learning rate follows the clock, so there only the draws repeat exactly).
 
@@ -45,22 +46,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import Checkpoint, TrainingState, save_checkpoint
 from ..data.layout import Dataset, load_splits
 from ..data.plan import load_plans
 from ..data.plans import Plans
 from ..data.preprocess import load_case
 from ..errors import UserError
-from ..inference.sliding_window import autocast_for
 from ..io import read_json, write_image, write_json
 from ..io.jsonio import atomic_write
+from ..network import kernels
 from ..network.unetrpp import UNETRPP
+from ..runtime import autocast, resolve_amp, resolve_device
 from . import budget as budget_rules
 from .augment import AugmentConfig, dummy_2d_for
-from .config import TrainConfig
+from .config import PAPER_LR, TRAIN_DEVICES, TrainConfig
 from .loader import BatchStream, batch_loader
-from .loss import DeepSupervisionLoss, DiceCELoss
 from .sampler import PatchSampler
+from .step import build_optimizer, grad_scaler, recipe_loss, train_step
 
 
 class TrainingInterrupted(Exception):
@@ -86,19 +88,6 @@ def split_batch(batch: int, world: int) -> list[int]:
 def poly_lr(base: float, progress: float, exponent: float) -> float:
     """``base * (1 - progress) ** exponent`` with progress clipped to [0, 1]."""
     return base * (1.0 - min(max(progress, 0.0), 1.0)) ** exponent
-
-
-def build_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The config's optimizer (SGD with Nesterov momentum, the recipe, or AdamW).
-
-    Fused (one kernel over all parameters) on CPU and CUDA: 5x faster than the per-tensor loop
-    on the CPU (docs/benchmarks.md), same updates.
-    """
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr or budget_rules.SHORT_LR, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.SGD(params, lr=cfg.lr or 1e-2, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, **fused)
 
 
 class Trainer:
@@ -140,15 +129,14 @@ class Trainer:
         self.global_batch = int(config.batch_size or self.plans.batch_size)
         self.batch = split_batch(self.global_batch, self.world)[self.rank]
         self.device = self._device()
-        if config.amp == "fp16" and self.device.type != "cuda":
-            raise UserError("--amp fp16 needs a CUDA device; use bf16 or off on CPU")
+        resolve_amp(config.amp, self.device)  # fp16 needs CUDA
         self._set_network(list(config.patch_size or self.plans.patch_size), config.model_overrides)
         classes = config.online_eval_classes
         if classes is None and self.plans.eval_classes and self.num_classes == self.plans.num_classes:
             classes = list(self.plans.eval_classes)  # the paper's evaluated labels (Synapse: 8 of 13 organs)
         self.eval_classes = list(classes) if classes else list(range(1, self.num_classes))
         bd = config.batch_dice if config.batch_dice is not None else self.plans.batch_dice
-        self.loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=bd))
+        self.loss_fn = recipe_loss(bd)
         self._log_file = None
         self._stop: str | None = None
         self._logged_a_step = False
@@ -230,16 +218,10 @@ class Trainer:
         self._check_preprocessed()
 
     def _device(self) -> torch.device:
-        want = self.cfg.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda: no CUDA device is available")
-            return torch.device("cuda", self.local_rank if self.world > 1 else torch.device(want).index or 0)
-        if want != "cpu":
-            raise UserError(f"device must be cpu, cuda or auto, got {want!r}")
-        return torch.device("cpu")
+        device = resolve_device(self.cfg.device, kinds=TRAIN_DEVICES)
+        if device.type == "cuda":  # several processes: each its own GPU
+            return torch.device("cuda", self.local_rank if self.world > 1 else device.index or 0)
+        return device
 
     def log(self, msg: str) -> None:
         if not self.is_main:
@@ -251,42 +233,38 @@ class Trainer:
         if self.echo:
             print(msg, flush=True)
 
-    # ------------------------------------------------------------------ checkpoint payloads
-    def _payload(self, model, optimizer, scaler, epoch: int, state: dict, full: bool = True) -> dict:
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self, model, optimizer, scaler, epoch: int, state: dict, full: bool = True) -> Checkpoint:
+        """The run as it stands; ``full``: with what ``--resume`` needs (optimizer, scaler, RNG, kernel choices)."""
         module = model.module if hasattr(model, "module") else model
-        payload = {
-            "model_config": self.model_config,
-            "plans": self.run_plans().to_dict(),
-            "labels": self.ds.labels,
-            "channel_names": self.ds.channel_names,
-            "file_ending": self.ds.file_ending,
-            "train_config": self.cfg.to_json(),
-            "epoch": epoch,
-            "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            **{k: state[k] for k in ("ema", "best_ema", "history", "elapsed")},
-            "iteration": int(state.get("iteration", 0)),  # > 0: saved inside epoch ``epoch``
-            "epoch_loss": float(state.get("epoch_loss", 0.0)),
-        }
+        training = TrainingState(
+            train_config=self.cfg.to_json(), epoch=epoch,
+            iteration=int(state.get("iteration", 0)), epoch_loss=float(state.get("epoch_loss", 0.0)),
+            **{k: state[k] for k in ("ema", "best_ema", "history", "elapsed")})
         if full:
-            payload["optimizer"] = optimizer.state_dict()
-            payload["scaler"] = scaler.state_dict() if scaler.is_enabled() else {}
-            payload["rng"] = {
+            training.optimizer = optimizer.state_dict()
+            training.scaler = scaler.state_dict() if scaler.is_enabled() else {}
+            training.rng = {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
-        return payload
+            training.weight_grad_choices = dict(kernels.WEIGHT_GRAD_CHOICES)
+        return Checkpoint(network=self.model_config, state_dict={k: v.detach().cpu() for k, v in
+                                                                 module.state_dict().items()},
+                          plans=self.run_plans().to_dict(), labels=self.ds.labels,
+                          channel_names=self.ds.channel_names, file_ending=self.ds.file_ending, training=training)
 
     def run_plans(self) -> Plans:
         """The plans as this run trains them: its network, patch and batch."""
         return dataclasses.replace(self.plans, network=dict(self.model_config), patch_size=list(self.patch),
                                    batch_size=self.global_batch)
 
-    def _save(self, name: str, payload: dict, say: bool = False) -> None:
+    def _save(self, name: str, ckpt: Checkpoint, say: bool = False) -> None:
         if self.is_main:
-            path = save_checkpoint(payload, self.out / name)
+            path = save_checkpoint(ckpt, self.out / name)
             if say:
                 self.log(f"wrote {path.name} ({path.stat().st_size / 1e6:.1f} MB"
-                         + (", no optimizer state)" if "optimizer" not in payload else ")"))
+                         + (", no optimizer state)" if ckpt.training.optimizer is None else ")"))
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False) -> dict:
@@ -323,13 +301,13 @@ class Trainer:
         """Ask the run to save ``checkpoint_latest.pt`` after the current iteration and stop."""
         self._stop = why
 
-    def _plan_budget(self, ckpt: dict | None) -> None:
+    def _plan_budget(self, ckpt: Checkpoint | None) -> None:
         """Resolve the recipe (short run or paper's) and the final validation for the budget."""
         if ckpt is None and self.cfg.pretrained:
             self._adopt_pretrained()
         cfg = self.cfg
         if ckpt is not None:  # a resumed run keeps what it chose at its start
-            saved = TrainConfig.from_json(ckpt["train_config"])
+            saved = TrainConfig.from_json(ckpt.training.train_config)
             keep = ("recipe", "optimizer", "lr", "patch_size", "model_overrides", "iters_per_epoch", "val_iters",
                     "recipe_notes", "spacing_scale", "pretrained", "pretrained_report")
             self.cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in keep})
@@ -378,7 +356,7 @@ class Trainer:
             short = cfg.recipe == "short"
             self.cfg = dataclasses.replace(cfg, recipe="short" if short else "paper",
                                            optimizer=cfg.optimizer or ("adamw" if short else "sgd"),
-                                           lr=cfg.lr or (budget_rules.SHORT_LR if short else 1e-2))
+                                           lr=cfg.lr or (budget_rules.SHORT_LR if short else PAPER_LR))
         if self.world > 1:  # every process trains what rank 0 chose
             box = [self.cfg]
             dist.broadcast_object_list(box, 0)
@@ -414,15 +392,14 @@ class Trainer:
             self._tail_guess = budget_rules.END_RESERVE_S + self.cfg.val_iters * self.batch * fwd
 
     def _run(self, resume: bool, latest: Path) -> dict:
-        ckpt = load_checkpoint(latest, map_location="cpu") if resume and latest.exists() else None
+        ckpt = Checkpoint.load(latest, map_location="cpu") if resume and latest.exists() else None
         if ckpt is not None:
-            lacking = [k for k in ("train_config", "optimizer", "rng", "epoch", "ema", "best_ema", "history", "elapsed")
-                       if k not in ckpt]
+            lacking = ckpt.resume_lacks()
             if lacking:
                 raise UserError(f"{latest}: cannot resume from it: it lacks {', '.join(lacking)} (a final or best "
                                  "checkpoint holds no training state)")
             try:
-                saved = TrainConfig.from_json(ckpt["train_config"])
+                saved = TrainConfig.from_json(ckpt.training.train_config)
             except (TypeError, ValueError, KeyError) as e:
                 raise UserError(f"{latest}: cannot resume from it: bad train_config ({e})") from None
             if (saved.preset or self.plans.preset) != (self.cfg.preset or self.plans.preset) \
@@ -444,25 +421,27 @@ class Trainer:
                 raise UserError(f"activation_checkpointing: {type(model).__name__} has no such switch")
             model.activation_checkpointing = True
         optimizer = build_optimizer(model.parameters(), cfg, self.device)
-        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
+        scaler = grad_scaler(cfg.amp)
         state = {"ema": None, "best_ema": None, "history": [], "elapsed": 0.0, "iteration": 0, "epoch_loss": 0.0}
         start_epoch = 0
         if ckpt is not None:
-            if ckpt["model_config"] != self.model_config:
+            saved = ckpt.training
+            if ckpt.network != self.model_config:
                 raise UserError(f"{latest}: was trained with another network; cannot resume")
             try:
-                model.load_state_dict(ckpt["state_dict"])
-                optimizer.load_state_dict(ckpt["optimizer"])
+                model.load_state_dict(ckpt.state_dict)
+                optimizer.load_state_dict(saved.optimizer)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{latest}: cannot resume from it: {str(e).strip().splitlines()[0][:200]}") from None
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            state = {k: ckpt[k] for k in ("ema", "best_ema", "history", "elapsed")}
-            state.update(iteration=int(ckpt.get("iteration", 0)), epoch_loss=float(ckpt.get("epoch_loss", 0.0)))
-            start_epoch = int(ckpt["epoch"])
+            if saved.scaler:
+                scaler.load_state_dict(saved.scaler)
+            torch.set_rng_state(saved.rng["torch"])
+            if saved.rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved.rng["cuda"])
+            # the kernels the interrupted run timed and chose: a re-timing could choose others and round differently
+            kernels.WEIGHT_GRAD_CHOICES.update(saved.weight_grad_choices)
+            state = {k: getattr(saved, k) for k in ("ema", "best_ema", "history", "elapsed", "iteration", "epoch_loss")}
+            start_epoch = int(saved.epoch)
             where = f" iteration {state['iteration']}" if state["iteration"] else ""
             self.log(f"resumed from {latest} at epoch {start_epoch}{where}")
             if cfg.pretrained:
@@ -617,7 +596,6 @@ class Trainer:
                 x, y = next(batches)
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
                 if self._train_deadline is not None:
                     lr = self.lr_at(epoch, self._elapsed())
                     if self.world > 1:  # rank 0's clock: the processes' weights must stay identical
@@ -627,17 +605,10 @@ class Trainer:
                         lr = float(t.item())
                     for g in optimizer.param_groups:
                         g["lr"] = lr
-                with autocast_for(self.device, cfg.amp):
-                    out = model(x)
-                loss = self.loss_fn(out, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"epoch {epoch}: the loss is {loss.item()}; lower the learning rate "
-                                             "or use --amp bf16/off")
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                try:
+                    loss = train_step(model, optimizer, self.loss_fn, x, y, scaler, cfg.amp, cfg.grad_clip)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"epoch {epoch}: {e}") from None
                 total += loss.detach().double().cpu()
                 done += 1
                 now = time.perf_counter()
@@ -695,7 +666,7 @@ class Trainer:
                 xb, yb = sampler.batch()
                 x = torch.from_numpy(xb).to(self.device)
                 y = torch.from_numpy(yb.astype(np.int64)).to(self.device)
-                with autocast_for(self.device, cfg.amp):
+                with autocast(self.device, cfg.amp):
                     out = model(x)
                 loss_sum += self.loss_fn(out, y).double().cpu()
                 pred = (out[0] if isinstance(out, (list, tuple)) else out).argmax(1)
