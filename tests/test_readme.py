@@ -78,3 +78,17 @@ def test_public_names_the_readme_uses_import():
     assert "unetrpp.training.TrainConfig" in README.read_text()
     assert TrainConfig().recipe == "auto" and Trainer.__name__ == "Trainer"
     assert callable(load_model) and callable(Predictor.from_model)
+
+
+@pytest.mark.parametrize("package", ["unetrpp", "unetrpp.network", "unetrpp.io", "unetrpp.data", "unetrpp.training",
+                                     "unetrpp.inference", "unetrpp.evaluation", "unetrpp.bench"])
+def test_every_public_name_of_every_package_resolves(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    assert module.__all__, package
+    for name in module.__all__:
+        obj = getattr(module, name)
+        assert obj is not None, (package, name)
+    with pytest.raises(AttributeError):
+        module.no_such_name  # noqa: B018

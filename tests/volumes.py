@@ -94,3 +94,13 @@ def plans_for(normalization, target_spacing=(2.0, 1.0, 1.0), labels=None, patch=
                             "channel_names": channels, "labels": labels, "normalization": normalization,
                             "resampling": {"image_order": 3, "label_order": 1, "anisotropy_threshold": 3,
                                            "low_resolution_axis_order": 0}})
+
+
+def planned_phantom(root: Path, cases: int, seed: int = 5, patch=(16, 32, 32), preset: str = "synapse") -> Path:
+    """A phantom dataset of ``cases`` cases at ``root``, planned for ``patch`` and preprocessed: ready to train."""
+    from unetrpp.data import make_phantom_dataset, plan_dataset, preprocess_dataset
+
+    make_phantom_dataset(root, cases=cases, seed=seed)
+    plan_dataset(root, patch_size=patch, preset=preset)
+    preprocess_dataset(root, workers=1)
+    return root

@@ -7,10 +7,8 @@ import importlib
 import pytest
 import torch
 
+from tests.volumes import planned_phantom
 from unetrpp.checkpoint import Checkpoint
-from unetrpp.data.phantom import make_phantom_dataset
-from unetrpp.data.plan import plan_dataset
-from unetrpp.data.preprocess import preprocess_dataset
 from unetrpp.network import kernels
 from unetrpp.training.config import TrainConfig
 from unetrpp.training.trainer import Trainer
@@ -39,11 +37,7 @@ class _Spy(Trainer):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom") / "ds"
-    make_phantom_dataset(root, cases=3, seed=5)
-    plan_dataset(root, patch_size=(16, 32, 32), preset="synapse")
-    preprocess_dataset(root, workers=1)
-    return root
+    return planned_phantom(tmp_path_factory.mktemp("phantom") / "ds", cases=3)
 
 
 def _config(epochs: int) -> TrainConfig:

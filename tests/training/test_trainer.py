@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.volumes import planned_phantom
 from unetrpp.checkpoint import load_checkpoint, save_checkpoint
 from unetrpp.cli.main import main
-from unetrpp.data.phantom import make_phantom_dataset
-from unetrpp.data.plan import load_plans, plan_dataset
-from unetrpp.data.preprocess import preprocess_dataset
+from unetrpp.data.plan import load_plans
 from unetrpp.training.config import TrainConfig
 from unetrpp.training.trainer import Trainer, TrainingInterrupted, poly_lr, split_batch
 
@@ -35,11 +34,7 @@ RUN = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom") / "ds"
-    make_phantom_dataset(root, cases=4, seed=5)
-    plan_dataset(root, patch_size=(16, 32, 32), preset="synapse")
-    preprocess_dataset(root, workers=1)
-    return root
+    return planned_phantom(tmp_path_factory.mktemp("phantom") / "ds", cases=4)
 
 
 def _config(**kw) -> TrainConfig:
@@ -287,10 +282,7 @@ def test_coarser_spacing_rule(dataset):
 def test_a_short_run_that_affords_only_a_small_patch_trains_at_a_coarser_spacing(tmp_path, monkeypatch):
     from unetrpp.training import budget
 
-    root = tmp_path / "ds"
-    make_phantom_dataset(root, cases=4, seed=5)
-    plan_dataset(root, patch_size=(32, 64, 64), preset="synapse")
-    preprocess_dataset(root, workers=1)
+    root = planned_phantom(tmp_path / "ds", cases=4, patch=(32, 64, 64))
     planned = load_plans(root / "plans.json")
 
     def only_the_cheapest(plans, budget_s, device, batch, amp, model_config, patch=None, width=None,

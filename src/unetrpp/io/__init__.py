@@ -1,5 +1,6 @@
-"""Volumes and their geometry on disk (SimpleITK; no torch)."""
+"""Volumes and their geometry on disk (SimpleITK; no torch), and the atomic writes every file goes through."""
 
+from .atomic import atomic_path
 from .image import (
     FILE_ENDINGS,
     Geometry,
@@ -19,6 +20,7 @@ __all__ = [
     "ImageReadError",
     "ImageWriteError",
     "NonFiniteError",
+    "atomic_path",
     "read_case",
     "read_image",
     "read_json",

@@ -5,9 +5,11 @@
 the fast forwards; ``weights.py`` reads and writes weights, ours and the official ones.
 """
 
-from .dual import reference_math
+from .dual import reference_math, set_fast
 from .epa import EPA
 from .presets import PRESETS, Preset, create_model, get_preset
 from .unetrpp import UNETRPP, UNETRPPConfig
+from .weights import load_official
 
-__all__ = ["EPA", "PRESETS", "UNETRPP", "Preset", "UNETRPPConfig", "create_model", "get_preset", "reference_math"]
+__all__ = ["EPA", "PRESETS", "UNETRPP", "Preset", "UNETRPPConfig", "create_model", "get_preset", "load_official",
+           "reference_math", "set_fast"]

@@ -6,20 +6,8 @@ does not load the whole trainer.
 
 from __future__ import annotations
 
-__all__ = ["TrainConfig", "Trainer", "transfer_weights"]
+from ..lazy import lazy_exports
 
-
-def __getattr__(name: str):
-    if name == "TrainConfig":
-        from .config import TrainConfig
-
-        return TrainConfig
-    if name == "Trainer":
-        from .trainer import Trainer
-
-        return Trainer
-    if name == "transfer_weights":
-        from .pretrained import transfer_weights
-
-        return transfer_weights
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_WHERE = {"TrainConfig": "config", "Trainer": "trainer", "transfer_weights": "pretrained"}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_exports(__name__, _WHERE)
