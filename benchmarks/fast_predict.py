@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -66,32 +64,20 @@ def _cases(name: str, work: Path, limit: int | None, models: dict | None = None)
 
 
 def _monai_probabilities(predictor, data):
-    """The same network, flips and Gaussian blending, driven by MONAI's sliding_window_inference."""
+    """The same network, flips and Gaussian blending of each window's softmax, driven by MONAI's
+    sliding_window_inference (on the volume padded to the patch, as our driver pads it)."""
     import numpy as np
     import torch
-    from monai.inferers import sliding_window_inference
 
+    from unetrpp.bench import monai_sliding_probabilities
     from unetrpp.inference.sliding_window import _pad_to
 
     x, region = _pad_to(torch.from_numpy(np.asarray(data, np.float32)), predictor.patch_size)
-    x = x[None]
     if hasattr(predictor.model, "deep_supervision"):
         predictor.model.deep_supervision = False  # the full-resolution head only, as our driver runs it
-
-    def net(t):
-        out = predictor.model(t)
-        return torch.softmax((out[0] if isinstance(out, (list, tuple)) else out).float(), dim=1)
-
-    total = None
-    flips = [[], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4]]
-    with torch.no_grad():
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            p = sliding_window_inference(xi, predictor.patch_size, predictor.batch, net, overlap=0.5,
-                                         mode="gaussian", sigma_scale=0.125)
-            p = torch.flip(p, dims) if dims else p
-            total = p if total is None else total + p
-    return (total / len(flips))[0][(slice(None), *region)]
+    probs = monai_sliding_probabilities(predictor.model, x[None], predictor.patch_size, predictor.batch, step=0.5,
+                                        flips=8, device=x.device, softmax_windows=True)
+    return probs[(slice(None), *region)]
 
 
 def child(args) -> None:
@@ -234,15 +220,15 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    import torch
 
     from unetrpp.bench import ChildError, run_child
 
     methods = args.methods.split(",")
     if "exact" not in methods:
         methods.insert(0, "exact")
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "sets": {}}
+    from unetrpp.bench import machine_info
+
+    report = {"machine": machine_info(), "sets": {}}
     for set_name in args.sets.split(","):
         runs: dict[str, list] = {m: [] for m in methods}
         out = args.out / set_name

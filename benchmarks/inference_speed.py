@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import time
 
 CHILD = r"""
 import json, resource, sys, time
@@ -63,13 +60,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="windows per forward pass (0: the predictor's default)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    import torch
 
-    from unetrpp.bench import ChildError, run_child
+    from unetrpp.bench import ChildError, machine_info, run_child
 
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-                         + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-              "date": time.strftime("%Y-%m-%d"), "device": args.device, "shape": args.shape,
+    report = {"machine": machine_info(args.device), "device": args.device, "shape": args.shape,
               "patch": [64, 128, 128], "step": 0.5, "runs": {}}
     for tta in args.tta:
         try:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +63,9 @@ def main() -> None:
     from unetrpp.training.loader import BatchStream, batch_loader
 
     tune_cpu_allocator()
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "patch": list(PATCH), "batch": 2, "loading": {}}
+    from unetrpp.bench import machine_info
+
+    report = {"machine": machine_info(), "patch": list(PATCH), "batch": 2, "loading": {}}
     with tempfile.TemporaryDirectory() as tmp:
         names, shape = _dataset(args.ct, Path(tmp))
         report["case_shape"] = shape

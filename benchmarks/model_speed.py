@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -93,7 +91,6 @@ def main() -> int:
         emit_result(worker(impl, what, args.preset, args.threads, args.repeats, not args.no_tune))
         return 0
 
-    import torch
 
     from unetrpp.network import create_model
     from unetrpp.network.analysis import count_macs
@@ -116,9 +113,10 @@ def main() -> int:
                   + (f"   {res['gmacs_per_s']:5.1f} G MAC/s" if what == "forward" else ""), flush=True)
     rates = machine_rates(args.threads)
     print("machine: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+    from unetrpp.bench import machine_info
+
     record = {"preset": args.preset, "threads": args.threads, "macs": macs, "results": results, "machine_rates": rates,
-              "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor(),
-              "date": time.strftime("%Y-%m-%d")}
+              "machine": machine_info()}
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))
     return 0

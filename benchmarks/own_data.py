@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -257,11 +255,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take our run's figures from DATASET/ours.json if there")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    import torch
 
     args.work.mkdir(parents=True, exist_ok=True)
-    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-              "date": time.strftime("%Y-%m-%d"), "minutes": args.minutes, "sets": {}}
+    from unetrpp.bench import machine_info
+
+    report = {"machine": machine_info(), "minutes": args.minutes, "sets": {}}
     for name in args.sets.split(","):
         root = make_set(name, args.work)
         saved = root / "ours.json"

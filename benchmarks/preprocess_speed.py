@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -57,6 +55,8 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (out / "preprocessed").iterdir())
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    from unetrpp.bench import machine_info
+
     result = {
         **{k: round(v, 2) for k, v in times.items()},
         "cases": summary["cases"],
@@ -69,9 +69,7 @@ def main() -> None:
         "target_spacing": plans["target_spacing"],
         "patch_size": plans["patch_size"],
         "workers": args.workers,
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
+        "machine": machine_info(),
     }
     if args.json:
         print(json.dumps(result, indent=2))

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -120,10 +118,10 @@ def main() -> None:
               f"{results[label]['iterations']} iterations in {results[label]['train_minutes']:.1f} min", flush=True)
 
     _plot(results, work / "dice_vs_time.png")
+    from unetrpp.bench import machine_info
+
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(),
         "split": f"{len(names) - len(names[::5])} train / {len(names[::5])} held out (every fifth case)",
         "patch": list(PATCH),
         "budget_minutes": args.minutes,

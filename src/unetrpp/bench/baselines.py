@@ -58,19 +58,28 @@ def monai_inferer():
 
 
 def monai_sliding_probabilities(model: nn.Module, x: torch.Tensor, patch: Sequence[int], batch: int, step: float,
-                                flips: int, device, amp: str = "off") -> torch.Tensor:
+                                flips: int, device, amp: str = "off", softmax_windows: bool = False) -> torch.Tensor:
     """MONAI's ``sliding_window_inference`` (Gaussian, sigma 1/8, overlap ``1 - step``) driving ``model`` on
-    ``x`` ``(1, C, z, y, x)`` and its first ``flips`` mirrorings; the softmax probabilities averaged."""
+    ``x`` ``(1, C, z, y, x)`` and its first ``flips`` mirrorings; the softmax probabilities averaged.
+
+    ``softmax_windows``: blend each window's softmax (what our driver and the official protocol blend)
+    instead of its logits (MONAI's usual use), so the answer is comparable voxel for voxel.
+    """
     from ..runtime import autocast
 
     sliding_window_inference = monai_inferer()
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        out = model(t)
+        return torch.softmax(out.float(), 1) if softmax_windows else out
+
     acc = None
     with torch.inference_mode(), autocast(device, amp):
         for axes in MIRROR_COMBOS[:flips]:
             xi = torch.flip(x, axes) if axes else x
-            logits = sliding_window_inference(xi, tuple(patch), batch, model, overlap=1 - step,
-                                              mode="gaussian", sigma_scale=0.125)
-            p = torch.softmax(logits.float(), 1)
+            blended = sliding_window_inference(xi, tuple(patch), batch, windows, overlap=1 - step,
+                                               mode="gaussian", sigma_scale=0.125)
+            p = blended.float() if softmax_windows else torch.softmax(blended.float(), 1)
             p = torch.flip(p, axes) if axes else p
             acc = p if acc is None else acc.add_(p)
     return acc[0] / flips
