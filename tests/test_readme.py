@@ -21,12 +21,12 @@ def test_python_example_runs(tmp_path, monkeypatch):
 
 
 def test_quoted_error_message_is_the_real_one():
-    from unetrpp import create_model
+    from unetrpp import UserError, create_model
 
-    quoted = re.search(r"ValueError: (.*)\n", README.read_text()).group(1)
-    with pytest.raises(ValueError, match="does not fit stem_stride") as info:
+    kind, quoted = re.search(r"\n(\w+Error): (.*)\n", README.read_text()).groups()
+    with pytest.raises(UserError, match="does not fit stem_stride") as info:
         create_model("synapse", img_size=(60, 128, 128))
-    assert str(info.value) == quoted
+    assert (type(info.value).__name__, str(info.value)) == (kind, quoted)
 
 
 def _commands(section: str) -> list[list[str]]:

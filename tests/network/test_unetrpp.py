@@ -238,3 +238,17 @@ def test_training_step_under_bf16_autocast_runs_with_finite_gradients():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_create_model_builds_reference_forwards_on_request():
+    from unetrpp.network.dual import DualForward
+
+    torch.manual_seed(0)
+    fast = create_model("acdc", img_size=(16, 64, 64))
+    torch.manual_seed(0)
+    ref = create_model("acdc", img_size=(16, 64, 64), fast=False)
+    blocks = [m for m in ref.modules() if isinstance(m, DualForward)]
+    assert len(blocks) > 20 and not any(m.fast for m in blocks)
+    assert all(m.fast for m in fast.modules() if isinstance(m, DualForward))
+    for (k, a), (k2, b) in zip(fast.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k  # the same network, only the forwards differ

@@ -76,12 +76,13 @@ def get_preset(name: str) -> Preset:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def create_model(name: str, **overrides) -> UNETRPP:
-    """Build a preset, optionally overriding constructor arguments.
+def create_model(name: str, fast: bool = True, **overrides) -> UNETRPP:
+    """Build a preset, optionally overriding constructor arguments; ``fast=False`` runs every block's
+    reference forward (:mod:`unetrpp.network.dual`).
 
     Examples:
         >>> from unetrpp import create_model
         >>> net = create_model("synapse")                       # the paper's Synapse network
         >>> custom = create_model("synapse", img_size=(32, 96, 96), out_channels=9)
     """
-    return UNETRPP(**get_preset(name).config(**overrides).to_dict())
+    return UNETRPP.from_config(get_preset(name).config(**overrides), fast=fast)
