@@ -96,7 +96,14 @@ def test_payloads_without_training_state_or_with_a_part_of_it_load(tmp_path):
 @pytest.mark.parametrize(("key", "value", "needle"), [
     ("epoch", "2", "checkpoint epoch must be an integer >= 0"),
     ("epoch", -1, "checkpoint epoch must be an integer >= 0"),
-    ("history", {"epoch": 0}, "checkpoint history must be a list of dicts"),
+    ("history", {"epoch": 0}, "checkpoint history must be rows of numbers"),
+    ("history", [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.0, "pseudo_dice": 0.5, "ema_dice": 0.5,
+                  "iterations": "abc"}], "checkpoint history must be rows of numbers"),
+    ("rng", {"torch": torch.zeros(5056)}, "checkpoint rng must be"),  # float, not bytes
+    ("rng", {"torch": torch.zeros(5056, dtype=torch.uint8), "cuda": ["x"]}, "checkpoint rng must be"),
+    ("weight_grad_choices", [[[], "slabs"]], "checkpoint weight_grad_choices must be"),
+    ("weight_grad_choices", [[[2, 1, 16, 10**30, 64, 64], "slabs"]], "checkpoint weight_grad_choices must be"),
+    ("labels", {"background": 0, "liver": -1}, "checkpoint labels must map names to integers >= 0"),
     ("ema", float("nan"), "checkpoint ema must be a number or None"),
     ("train_config", [1], "checkpoint train_config must be a dict"),
     ("rng", {"torch": [1, 2]}, "checkpoint rng must be"),

@@ -52,3 +52,8 @@ def test_progress_counts_the_cases_done_before_and_now(workers, capsys):
     parallel_map(_square_and_pid, [(x, 0.0) for x in range(3)], workers, progress=True, desc="preprocess", done=2)
     err = capsys.readouterr().err
     assert "preprocess" in err and "5/5" in err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_without_arguments_run_once_each(workers):
+    assert parallel_map(os.cpu_count, [(), (), ()], workers=workers) == [os.cpu_count()] * 3

@@ -31,7 +31,7 @@ def test_a_name_torch_does_not_know_is_a_user_error(spec):
 
 
 def test_a_device_type_outside_the_allowed_kinds_is_a_user_error():
-    with pytest.raises(UserError, match=r"^device must be cpu, cuda or auto, got 'meta'$"):
+    with pytest.raises(UserError, match=r"^device must be cpu, cuda, cuda:N or auto, got 'meta'$"):
         resolve_device("meta", kinds=("cpu", "cuda"))
 
 
@@ -84,3 +84,9 @@ def test_autocast_refuses_fp16_on_the_cpu_and_unknown_modes():
 def test_cpu_needs_no_synchronizer_and_reports_the_peak_resident_set():
     assert synchronizer("cpu") is None
     assert peak_memory_mb("cpu") > 1.0
+
+
+@pytest.mark.parametrize("spec", ["mps", "meta", "xla"])
+def test_devices_the_package_does_not_run_on_are_refused_by_default(spec):
+    with pytest.raises(UserError, match="device must be cpu, cuda, cuda:N or auto"):
+        resolve_device(spec)

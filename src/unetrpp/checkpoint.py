@@ -100,6 +100,7 @@ class TrainingState:
         return self.optimizer is not None and self.rng is not None
 
 
+_MAX_COUNT = 1 << 53  # epochs, iterations, tensor sizes: beyond this a number is not one the trainer wrote
 #: payload keys of the training state, as the trainer has always written them
 _TRAINING_KEYS = ("train_config", "epoch", "iteration", "epoch_loss", "ema", "best_ema", "history", "elapsed")
 _RESUME_KEYS = ("optimizer", "scaler", "rng")
@@ -184,8 +185,8 @@ class Checkpoint:
             raise UserError(f"{source}: checkpoint state_dict must map names to tensors ({bad[0]!r} does not)")
         labels = payload.get("labels")
         if labels is not None and not (isinstance(labels, dict) and all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in labels.items())):
-            raise UserError(f"{source}: checkpoint labels must map names to integers, got {type(labels).__name__}")
+                isinstance(k, str) and _count(v) for k, v in labels.items())):
+            raise UserError(f"{source}: checkpoint labels must map names to integers >= 0, got {type(labels).__name__}")
         channels = payload.get("channel_names")
         if channels is not None and not (isinstance(channels, list) and all(isinstance(c, str) for c in channels)):
             raise UserError(f"{source}: checkpoint channel_names must be a list of names")
@@ -212,6 +213,33 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_COUNT
+
+
+def _history(v) -> bool:
+    """Rows of numbers per epoch, as the trainer writes them (NaN where an epoch had nothing to score)."""
+    return isinstance(v, list) and all(
+        isinstance(row, dict) and all(
+            isinstance(k, str) and (_count(abs(x)) if isinstance(x, int) and not isinstance(x, bool)
+                                    else isinstance(x, float) and not math.isinf(x))
+            for k, x in row.items()) and all(_count(row.get(k, 0)) for k in ("epoch", "iterations")) for row in v)
+
+
+def _rng_state(v) -> bool:
+    def byte_state(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    return isinstance(v, dict) and byte_state(v.get("torch")) and isinstance(v.get("cuda", []), list) and all(
+        byte_state(t) for t in v.get("cuda", []))
+
+
+def _choice(c) -> bool:
+    """``[(B, C_in, C_out, Z, Y, X), method]`` as ``kernels.WEIGHT_GRAD_CHOICES`` keys them."""
+    return (isinstance(c, list) and len(c) == 2 and isinstance(c[0], list) and len(c[0]) == 6
+            and all(_count(n) for n in c[0]) and c[1] in ("slabs", "onednn"))
+
+
 def _training_state(payload: dict, source: str) -> TrainingState | None:
     """The training state of a payload (None: it holds none); wrong types are refused in one line."""
     if not any(k in payload for k in (*_TRAINING_KEYS, *_RESUME_KEYS)):
@@ -223,25 +251,22 @@ def _training_state(payload: dict, source: str) -> TrainingState | None:
     t = TrainingState()
     for key, ok, what in (
             ("train_config", lambda v: isinstance(v, dict), "a dict"),
-            ("epoch", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-            ("iteration", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+            ("epoch", _count, "an integer >= 0"),
+            ("iteration", _count, "an integer >= 0"),
             ("epoch_loss", _number, "a number"),
             ("ema", lambda v: v is None or _number(v), "a number or None"),
             ("best_ema", lambda v: v is None or _number(v), "a number or None"),
-            ("history", lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v), "a list of dicts"),
+            ("history", _history, "rows of numbers (epoch and iterations counts)"),
             ("elapsed", _number, "a number"),
             ("optimizer", lambda v: isinstance(v, dict), "a dict"),
             ("scaler", lambda v: isinstance(v, dict), "a dict"),
-            ("rng", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), torch.Tensor)
-             and isinstance(v.get("cuda", []), list), "a dict of torch and cuda RNG states")):
+            ("rng", _rng_state, "a dict of torch and cuda RNG states (byte tensors)")):
         if key in payload:
             if not ok(payload[key]):
                 raise bad(key, what)
             setattr(t, key, payload[key])
     choices = payload.get("weight_grad_choices", [])
-    if not (isinstance(choices, list) and all(
-            isinstance(c, list) and len(c) == 2 and isinstance(c[0], list) and c[1] in ("slabs", "onednn")
-            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in c[0]) for c in choices)):
+    if not (isinstance(choices, list) and all(_choice(c) for c in choices)):
         raise bad("weight_grad_choices", "[shape, 'slabs' | 'onednn'] pairs")
     t.weight_grad_choices = {tuple(shape): how for shape, how in choices}
     return t

@@ -38,6 +38,10 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
 
 
+def _call(fn, job: tuple):
+    return fn(*job)
+
+
 def parallel_map(fn: Callable[..., T], jobs: Sequence[tuple], workers: int = 1, progress: bool = False,
                  desc: str = "", done: int = 0, chunksize: int = 1) -> list[T]:
     """``[fn(*job) for job in jobs]``, in a :func:`worker_pool` of ``workers`` processes when more than one
@@ -56,7 +60,7 @@ def parallel_map(fn: Callable[..., T], jobs: Sequence[tuple], workers: int = 1, 
     try:
         if workers > 1 and len(jobs) > 1:
             with worker_pool(workers) as pool:
-                for r in pool.map(fn, *zip(*jobs, strict=True), chunksize=chunksize):
+                for r in pool.map(_call, [fn] * len(jobs), jobs, chunksize=chunksize):
                     results.append(r)
                     if bar is not None:
                         bar.update()

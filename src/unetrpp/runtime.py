@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 AMP_MODES = ("off", "bf16", "fp16")
 
 
-def resolve_device(spec: str | torch.device | None = "auto", kinds: Sequence[str] | None = None) -> torch.device:
+def resolve_device(spec: str | torch.device | None = "auto", kinds: Sequence[str] = ("cpu", "cuda")) -> torch.device:
     """The device ``spec`` names; ``auto`` (or None) is CUDA where available, else the CPU.
 
-    A name torch does not know, a device type outside ``kinds`` (when given), or CUDA on a machine
-    without it is a :class:`UserError`.
+    A name torch does not know, a device type outside ``kinds`` (the package runs on the CPU and on
+    CUDA), CUDA on a machine without it, or a GPU number the machine lacks is a :class:`UserError`.
     """
     import torch
 
@@ -39,11 +39,13 @@ def resolve_device(spec: str | torch.device | None = "auto", kinds: Sequence[str
         device = torch.device(spec)
     except (RuntimeError, TypeError, ValueError):
         device = None
-    if device is None or (kinds is not None and device.type not in kinds):
-        allowed = ", ".join(kinds) if kinds is not None else "cpu, cuda, cuda:N"
+    if device is None or device.type not in kinds:
+        allowed = ", ".join(kinds) + (", cuda:N" if "cuda" in kinds else "")
         raise UserError(f"device must be {allowed} or auto, got {str(spec)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {spec}: no CUDA device is available (this torch build or machine has none)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -82,6 +82,18 @@ def test_transposed_properties_untranspose_what_they_restore():
     ("class_voxels", {"one": 3}, "class_voxels must map"),
     ("plans_id", 7, "plans_id must be a string"),
     ("shape_after_resampling", None, "shape_after_resampling must be 3 integers"),
+    ("shape", [10**9, 10**9, 10**9], "over 2,147,483,648 voxels"),  # refused before anything is allocated
+    ("shape", [10**400, 40, 36], "shape must be 3 integers"),
+    ("shape", [float("inf"), 40, 36], "shape must be 3 integers"),
+    ("shape_after_resampling", [True, True, True], "shape_after_resampling must be 3 integers"),
+    ("spacing", [True, 1, 1], "spacing must be 3 numbers"),
+    ("target_spacing", ["1", "1", "1"], "target_spacing must be 3 numbers"),
+    ("class_voxels", {"\u00b2": 1}, "class_voxels must map"),  # a digit to str.isdigit, not to int()
+    ("class_voxels", {"9" * 5000: 1}, "class_voxels must map"),
+    ("class_voxels", {"1": 10**100}, "class_voxels must map"),
+    ("geometry", {"spacing": [1, 1, 1], "origin": [10**400, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
+     "geometry must hold finite numbers"),
+    ("geometry", {"spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [0] * 9}, "direction must be an invertible"),
 ])
 def test_hostile_values_are_refused_in_one_line_naming_the_file(tmp_path, key, value, needle):
     with pytest.raises(UserError) as e:
@@ -104,4 +116,9 @@ def test_load_case_gives_case_properties_and_names_a_damaged_json(tmp_path):
     assert d == props.to_dict()
     (out / f"{name}.json").write_text(json.dumps({**d, "bbox": [[0, 1]]}))
     with pytest.raises(UserError, match=rf"{name}\.json: bbox must be 3"):
+        load_case(out, name)
+    # properties that do not describe the arrays beside them: named, not found later as a shape mismatch
+    wrong = [n + 1 for n in d["shape_after_resampling"]]
+    (out / f"{name}.json").write_text(json.dumps({**d, "shape_after_resampling": wrong}))
+    with pytest.raises(UserError, match=rf"{name}\.json: the case's arrays .* are not its preprocessed shape"):
         load_case(out, name)

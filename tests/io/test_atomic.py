@@ -115,3 +115,26 @@ def test_a_header_and_data_pair_is_written_whole_with_the_umask_modes(tmp_path, 
     assert all(_mode(tmp_path / f) == 0o640 for f in files)
     back, geom = read_image(tmp_path / "case.mhd")
     assert np.array_equal(back, array) and np.allclose(geom.spacing, geometry.spacing)
+
+
+def test_a_failed_rename_names_the_target_not_the_temporary(tmp_path):
+    target = tmp_path / "result.json"
+    target.mkdir()  # a folder where the file should go
+    (target / "keep").write_text("x")
+    with pytest.raises(IsADirectoryError) as e, atomic_path(target) as tmp:
+        tmp.write_text("{}")
+    assert e.value.filename == str(target)
+    assert (target / "keep").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_a_folder_replaces_a_link_to_a_folder_and_the_link_target_is_left(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old").write_text("1")
+    (tmp_path / "link").symlink_to(real)
+    with atomic_path(tmp_path / "link", directory=True) as tmp:
+        (tmp / "new").write_text("2")
+    link = tmp_path / "link"
+    assert not link.is_symlink() and sorted(p.name for p in link.iterdir()) == ["new"]
+    assert (real / "old").read_text() == "1"  # the linked folder itself is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

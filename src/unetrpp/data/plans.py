@@ -26,10 +26,17 @@ PLANS_VERSION = 2
 _PREPROCESSING_KEYS = ("target_spacing", "normalization", "resampling", "channel_names", "labels")
 
 
+def _numbers(v) -> bool:
+    """A list of JSON numbers (not booleans or strings)."""
+    return isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
 def _floats(v, name: str, path: str, n: int = 3) -> list[float]:
     try:
+        if not _numbers(v):
+            raise TypeError
         out = [float(x) for x in v]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: {name} must be {n} numbers, got {v!r}") from None
     if len(out) != n or not all(math.isfinite(x) and x > 0 for x in out):
         raise UserError(f"{path}: {name} must be {n} positive finite numbers, got {v!r}")
@@ -38,10 +45,13 @@ def _floats(v, name: str, path: str, n: int = 3) -> list[float]:
 
 def _ints(v, name: str, path: str, n: int = 3) -> list[int]:
     try:
+        if not _numbers(v):
+            raise TypeError
         out = [int(x) for x in v]
-    except (TypeError, ValueError):
+        whole = all(float(a) == b for a, b in zip(v, out, strict=False))  # 2.5 is not an integer
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{path}: {name} must be {n} integers, got {v!r}") from None
-    if len(out) != n or any(x < 1 for x in out) or any(float(a) != b for a, b in zip(v, out, strict=True)):
+    if len(out) != n or any(x < 1 for x in out) or not whole:
         raise UserError(f"{path}: {name} must be {n} positive integers, got {v!r}")
     return out
 

@@ -222,5 +222,10 @@ def load_case(out_dir: str | os.PathLike, name: str, mmap: bool = True):
                              "`unetrpp preprocess` with --overwrite") from None
     data, seg, loc = arrays
     path = out_dir / f"{name}.json"
-    return data, seg, loc, CaseProperties.from_dict(read_json(path), str(path))
+    props = CaseProperties.from_dict(read_json(path), str(path))
+    if data.ndim != 4 or tuple(data.shape[1:]) != props.shape_after_resampling or seg.shape != data.shape[1:]:
+        raise UserError(f"{path}: the case's arrays ({list(data.shape)}, labels {list(seg.shape)}) are not its "
+                        f"preprocessed shape {list(props.shape_after_resampling)}; rerun `unetrpp preprocess` "
+                        "with --overwrite")
+    return data, seg, loc, props
 

@@ -13,6 +13,7 @@ plans applied; ``(z, y, x)`` when there is none).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ from ..errors import UserError
 from ..io import Geometry
 from .plans import _floats, _ints
 from .resample import anisotropic_axis, resample_label, resample_probabilities, resample_volume
+
+#: The most voxels one case's grid may hold (2^31: a 1290^3 volume; the largest CTs are a quarter of it).
+MAX_VOXELS = 1 << 31
+_CLASS = re.compile(r"[0-9]{1,5}")
 
 
 def resampling_axis(spacing: Sequence[float], target: Sequence[float]) -> int | None:
@@ -148,6 +153,10 @@ class CaseProperties:
             raise UserError(f"{source}: case properties lack {', '.join(missing)}")
         shape = tuple(_ints(d["shape"], "shape", source))
         after = tuple(_ints(d["shape_after_resampling"], "shape_after_resampling", source))
+        for key, s in (("shape", shape), ("shape_after_resampling", after)):
+            if math.prod(s) > MAX_VOXELS:
+                raise UserError(f"{source}: {key} {list(s)} holds over {MAX_VOXELS:,} voxels; not a volume this "
+                                "package made")
         box = d["bbox"]
         if not (isinstance(box, list) and len(box) == 3 and all(
                 isinstance(b, list) and len(b) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
@@ -176,8 +185,8 @@ class CaseProperties:
         voxels = d.get("class_voxels")
         if voxels is not None:
             if not (isinstance(voxels, dict) and all(
-                    isinstance(c, str) and c.isdigit() and isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                    for c, n in voxels.items())):
+                    isinstance(c, str) and _CLASS.fullmatch(c) and isinstance(n, int) and not isinstance(n, bool)
+                    and 0 <= n <= MAX_VOXELS for c, n in voxels.items())):
                 raise UserError(f"{source}: class_voxels must map class numbers to voxel counts")
             props["class_voxels"] = {int(c): n for c, n in voxels.items()}
         return cls(**props)
@@ -191,7 +200,11 @@ def _geometry(g, source: str) -> Geometry:
     if not (isinstance(g, dict) and all(isinstance(g.get(k), list) for k in ("spacing", "origin", "direction"))):
         raise UserError(f"{source}: geometry must hold spacing, origin and direction lists")
     values = [*g["spacing"], *g["origin"], *g["direction"]]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    try:
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    except OverflowError:  # an integer beyond any float
+        finite = False
+    if not finite:
         raise UserError(f"{source}: geometry must hold finite numbers")
     try:
         return Geometry.from_json(g)

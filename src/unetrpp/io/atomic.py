@@ -29,6 +29,32 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _replace_folder(tmp: Path, path: Path) -> None:
+    """Sync a finished temporary folder and put it at ``path``; a folder or link there is moved aside first
+    and put back if the rename fails."""
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            _fsync(f)
+            follow_umask(f)
+    follow_umask(tmp, directory=True)
+    old = None
+    if path.is_symlink() or path.is_dir():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    if old is None:
+        return
+    if old.is_symlink():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = False) -> Iterator[Path]:
     """Yield a temporary name beside ``path`` for the block to write (and verify); then rename it into place.
@@ -52,28 +78,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", directory: bool = Fal
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
-        if directory:
-            for f in tmp.rglob("*"):
-                if f.is_file() and not f.is_symlink():
-                    _fsync(f)
-                    follow_umask(f)
-            follow_umask(tmp, directory=True)
-            old = None
-            if path.is_dir() and not path.is_symlink():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            _fsync(tmp)
-            follow_umask(tmp)
-            os.replace(tmp, path)
-    except OSError as e:
-        if e.filename is None and e.errno is not None:  # a short write names no file: name the one we were writing
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename is None and e.errno is not None:  # a short write names no file: name the one we were writing
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+            raise
+        try:
+            if directory:
+                _replace_folder(tmp, path)
+            else:
+                _fsync(tmp)
+                follow_umask(tmp)
+                os.replace(tmp, path)
+        except OSError as e:  # name the target the user gave, not our temporary
             raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
     finally:
         if directory:
             if tmp.exists():

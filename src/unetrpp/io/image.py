@@ -74,6 +74,10 @@ class Geometry:
             raise UserError("geometry needs 3 spacings, 3 origin coordinates and 9 direction values")
         if not all(v > 0 and np.isfinite(v) for v in self.spacing):
             raise UserError(f"spacing must be positive and finite, got {self.spacing}")
+        if not (np.isfinite(self.origin).all() and np.isfinite(self.direction).all()):
+            raise UserError("origin and direction must be finite")
+        if abs(np.linalg.det(np.reshape(self.direction, (3, 3)))) < 1e-6:
+            raise UserError(f"direction must be an invertible 3x3 matrix, got {self.direction}")
 
     @classmethod
     def identity(cls, spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0)) -> Geometry:

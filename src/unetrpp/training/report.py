@@ -17,21 +17,24 @@ def plot_progress(history: list[dict], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
+    def column(key: str) -> list:  # a checkpoint resumed from may hold rows without some column
+        return [h.get(key, math.nan) for h in history]
+
+    epochs = [h.get("epoch", i) for i, h in enumerate(history)]
     fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    ax_l.plot(epochs, [h["train_loss"] for h in history], label="train loss", color="tab:blue")
-    ax_l.plot(epochs, [h["val_loss"] for h in history], label="validation loss", color="tab:red")
+    ax_l.plot(epochs, column("train_loss"), label="train loss", color="tab:blue")
+    ax_l.plot(epochs, column("val_loss"), label="validation loss", color="tab:red")
     ax_l.set_xlabel("epoch")
     ax_l.set_ylabel("Dice + CE loss (deep supervision)")
     ax_l.legend()
     ax_l.grid(alpha=0.3)
     for key in history[0]:
         if key.startswith("dice_"):
-            values = [h[key] for h in history]
+            values = column(key)
             if not all(isinstance(v, float) and math.isnan(v) for v in values):
                 ax_d.plot(epochs, values, lw=0.7, alpha=0.5, label=key[5:])
-    ax_d.plot(epochs, [h["pseudo_dice"] for h in history], color="black", lw=1.5, label="mean")
-    ax_d.plot(epochs, [h["ema_dice"] for h in history], color="tab:green", lw=2, label="EMA (best checkpoint)")
+    ax_d.plot(epochs, column("pseudo_dice"), color="black", lw=1.5, label="mean")
+    ax_d.plot(epochs, column("ema_dice"), color="tab:green", lw=2, label="EMA (best checkpoint)")
     ax_d.set_xlabel("epoch")
     ax_d.set_ylabel("pseudo-Dice (validation patches)")
     ax_d.set_ylim(0, 1)

@@ -433,11 +433,15 @@ class Trainer:
                 optimizer.load_state_dict(saved.optimizer)
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{latest}: cannot resume from it: {str(e).strip().splitlines()[0][:200]}") from None
-            if saved.scaler:
-                scaler.load_state_dict(saved.scaler)
-            torch.set_rng_state(saved.rng["torch"])
-            if saved.rng.get("cuda") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(saved.rng["cuda"])
+            try:
+                if saved.scaler:
+                    scaler.load_state_dict(saved.scaler)
+                torch.set_rng_state(saved.rng["torch"])
+                if saved.rng.get("cuda") and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(saved.rng["cuda"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{latest}: cannot resume from it: bad scaler or RNG state "
+                                f"({str(e).strip().splitlines()[0][:200]})") from None
             # the kernels the interrupted run timed and chose: a re-timing could choose others and round differently
             kernels.WEIGHT_GRAD_CHOICES.update(saved.weight_grad_choices)
             state = {k: getattr(saved, k) for k in ("ema", "best_ema", "history", "elapsed", "iteration", "epoch_loss")}
