@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, refuse_unknown_fields
+from .errors import UserError
 from .io.atomic import atomic_path
 
 FORMAT = "unetrpp-checkpoint"
@@ -322,21 +322,14 @@ def build_model(ckpt: Checkpoint | dict, source: str | None = None, allow_nonfin
     """The network of a checkpoint (or of a payload's ``model_config`` and ``state_dict``), weights loaded, in
     eval mode; NaN/inf weights refused unless allowed."""
 
-    from .network.unetrpp import UNETRPP, UNETRPPConfig
+    from .network.registry import build_checked
     from .network.weights import load_state_dict_checked
 
     if isinstance(ckpt, Checkpoint):
         config, state, source = ckpt.network, ckpt.state_dict, source or ckpt.source
     else:
         config, state, source = ckpt["model_config"], ckpt["state_dict"], source or "checkpoint"
-    if not isinstance(config, dict):
-        raise UserError(f"{source}: model_config must be a dict, got {type(config).__name__}")
-    refuse_unknown_fields(config, UNETRPPConfig, f"{source}: model_config has unknown keys ",
-                          " (written by a newer unetrpp, or edited?)")
-    try:
-        model = UNETRPP(**config)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{source}: model_config: {str(e).splitlines()[0]}") from None
+    model = build_checked(config, source)
     if not allow_nonfinite:
         for key, t in state.items():
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):

@@ -11,6 +11,7 @@ from ..errors import UserError
 from . import (
     bench,
     check,
+    compare,
     convert,
     convert_weights,
     demo,
@@ -25,12 +26,13 @@ from . import (
     plan,
     predict,
     preprocess,
+    report,
     show_model,
     train,
 )
 
 COMMANDS = (demo, info, convert_weights, convert, check, plan, preprocess, phantom, train, predict, evaluate, overlay,
-            export, find_best, export_model, import_official, show_model, bench)
+            export, find_best, export_model, import_official, show_model, bench, compare, report)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..network.registry import ARCHITECTURES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -11,6 +13,10 @@ def add_parser(sub) -> None:
                     "normalisation, the network (stem stride, patch size, every constructor "
                     "argument) and batch size. Creates splits.json (5-fold) if absent.")
     p.add_argument("dataset", help="dataset folder (with dataset.json)")
+    p.add_argument("--arch", default="unetrpp", choices=ARCHITECTURES,
+                   help="the network: unetrpp (default), or a baseline planned and trained by the same pipeline: "
+                        "nnunet (nnU-Net's U-Net), resenc (its residual-encoder U-Net), swinunetr, unetr "
+                        "(the baselines need the extras nnunet or monai)")
     p.add_argument("--preset", help="use this network preset (its blocks, strides, patch and batch) instead of "
                                     "planning the network from the data")
     p.add_argument("--patch-size", nargs=3, type=int, metavar=("Z", "Y", "X"),
@@ -34,18 +40,17 @@ def run(args) -> int:
         check_writable(args.dataset, "plans")  # before the fingerprint is computed
     load_splits(args.dataset)  # made (or checked) first: a bad splits.json leaves no plans.json behind
     plans = plan_dataset(args.dataset, patch_size=args.patch_size, batch_size=args.batch_size, preset=args.preset,
-                         workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing)
-    import torch
-
-    from ..network.unetrpp import UNETRPP
+                         workers=args.workers, progress=sys.stderr.isatty(), target_spacing=args.spacing,
+                         arch=args.arch)
+    from ..network.registry import parameter_count
 
     cfg = plans.network_config()
-    with torch.device("meta"):  # parameter count without allocating the weights
-        params = sum(p.numel() for p in UNETRPP(**cfg.to_dict()).parameters())
+    params = parameter_count(plans.network)
     norm = ", ".join(f"{n['channel']}: {n['scheme']}" for n in plans.normalization)
+    shape = f"stem stride {tuple(cfg.stem_stride)}, " if plans.arch == "unetrpp" else f"{plans.arch}, "
     print(f"wrote {args.dataset}/plans.json: target spacing {_mm(plans.target_spacing)} mm (z, y, x), "
           f"median shape {_mm(plans.median_shape_after_resampling)}, patch {tuple(plans.patch_size)}, "
-          f"batch {plans.batch_size}, normalisation {norm}; network: stem stride {tuple(cfg.stem_stride)}, "
+          f"batch {plans.batch_size}, normalisation {norm}; network: {shape}"
           f"feature size {cfg.feature_size}, {params / 1e6:.1f} M parameters")
     for line in plans.decisions:
         print(f"  {line}")

@@ -37,9 +37,11 @@ def describe_model(sources) -> dict:
         cfg = mem.network.config
         plans = mem.plans
         networks.append({
-            "name": mem.name, "source": mem.source,
+            "name": mem.name, "source": mem.source, "arch": getattr(cfg, "arch", "unetrpp"),
             "parameters": sum(p.numel() for p in mem.network.parameters()),
-            "feature_size": cfg.feature_size, "patch": list(cfg.img_size), "stem_stride": list(cfg.stem_stride),
+            "feature_size": cfg.feature_size, "patch": list(cfg.img_size),
+            "stem_stride": list(cfg.stem_stride) if hasattr(cfg, "stem_stride") else None,
+            "strides": getattr(cfg, "strides", None),
             "spacing_mm": list(plans.target_spacing),
             "normalization": [n.get("scheme") for n in plans.normalization],
             "training": mem.training,
@@ -65,7 +67,8 @@ def run(args) -> int:
     print(f"networks: {len(info['networks'])}" + (" (an ensemble: probabilities averaged)"
                                                  if len(info["networks"]) > 1 else ""))
     for n in info["networks"]:
-        print(f"  {n['name']}: UNETR++ width {n['feature_size']}, patch {n['patch']}, {n['parameters'] / 1e6:.2f} M "
+        kind = "UNETR++" if n["arch"] == "unetrpp" else n["arch"]
+        print(f"  {n['name']}: {kind} width {n['feature_size']}, patch {n['patch']}, {n['parameters'] / 1e6:.2f} M "
               f"parameters; spacing {n['spacing_mm']} mm; normalisation {', '.join(map(str, n['normalization']))}")
         t = n["training"] if isinstance(n["training"], dict) else {}
         cfg = t.get("train_config") if isinstance(t.get("train_config"), dict) else {}

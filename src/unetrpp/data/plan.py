@@ -215,9 +215,16 @@ def make_plans(
     preset: str | None = None,
     max_patch_voxels: int = DEFAULT_PATCH_VOXELS,
     target_spacing: Sequence[float] | None = None,
+    arch: str = "unetrpp",
 ) -> Plans:
     """Plan preprocessing and the network (module docstring); every decision is listed in ``decisions``."""
     from ..network.presets import get_preset
+    from ..network.registry import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {arch!r}; one of: {', '.join(ARCHITECTURES)}")
+    if preset is not None and arch != "unetrpp":
+        raise UserError(f"--preset {preset} is a UNETR++ preset; it cannot be combined with --arch {arch}")
 
     cases = fingerprint["cases"]
     spacings = np.array([c["spacing"] for c in cases], dtype=np.float64)
@@ -235,7 +242,11 @@ def make_plans(
     resampled = cropped * spacings / np.asarray(target)
     median_shape = [float(v) for v in np.median(resampled, axis=0)]
     in_ch, n_cls = len(dataset.channel_names), dataset.num_classes
-    if preset is not None:
+    if arch != "unetrpp":
+        network, patch = plan_baseline(arch, in_ch, n_cls, target, median_shape, patch_size, max_patch_voxels,
+                                       decisions)
+        batch, batch_dice, eval_classes = int(batch_size or Recipe.batch_size), Recipe.batch_dice, None
+    elif preset is not None:
         p = get_preset(preset)
         base = p.config(in_channels=in_ch, out_channels=n_cls)
         stem = list(base.stem_stride)
@@ -251,22 +262,23 @@ def make_plans(
         batch, batch_dice, eval_classes = int(batch_size or Recipe.batch_size), Recipe.batch_dice, None
         decisions.append(f"network: {AUTO_BLOCKS} blocks, stem stride {tuple(stem)} from the spacing "
                          f"(tokens of about {_fmt([t * k for t, k in zip(target, stem, strict=True)])} mm)")
-    divisor = [int(k) * 8 for k in stem]
-    if patch_size is not None:
-        patch = [int(p) for p in patch_size]
-        bad = [a for a in range(3) if patch[a] % divisor[a] or patch[a] < 1]
-        if bad:
-            raise UserError(f"patch size {patch} is not divisible by the network strides {divisor}")
-        decisions.append(f"patch {tuple(patch)}: given")
-    elif preset is not None and target_spacing is None:
-        patch = list(base.img_size)
-        decisions.append(f"patch {tuple(patch)}: preset {preset}'s")
-    else:
-        patch = plan_patch_size(median_shape, target, divisor, max_patch_voxels, MAX_STAGE1_TOKENS, stem)
-        decisions.append(f"patch {tuple(patch)}: the median shape {_fmt(median_shape)} in multiples of "
-                         f"{tuple(divisor)}, within {max_patch_voxels} voxels and {MAX_STAGE1_TOKENS} first-stage "
-                         "tokens (the paper's Synapse network)")
-    network = dataclasses.replace(base, img_size=tuple(patch)).to_dict()
+    if arch == "unetrpp":
+        divisor = [int(k) * 8 for k in stem]
+        if patch_size is not None:
+            patch = [int(p) for p in patch_size]
+            bad = [a for a in range(3) if patch[a] % divisor[a] or patch[a] < 1]
+            if bad:
+                raise UserError(f"patch size {patch} is not divisible by the network strides {divisor}")
+            decisions.append(f"patch {tuple(patch)}: given")
+        elif preset is not None and target_spacing is None:
+            patch = list(base.img_size)
+            decisions.append(f"patch {tuple(patch)}: preset {preset}'s")
+        else:
+            patch = plan_patch_size(median_shape, target, divisor, max_patch_voxels, MAX_STAGE1_TOKENS, stem)
+            decisions.append(f"patch {tuple(patch)}: the median shape {_fmt(median_shape)} in multiples of "
+                             f"{tuple(divisor)}, within {max_patch_voxels} voxels and {MAX_STAGE1_TOKENS} first-stage "
+                             "tokens (the paper's Synapse network)")
+        network = dataclasses.replace(base, img_size=tuple(patch)).to_dict()
     # crop to nonzero shrinks the volume by >= 25 % -> MRI z-scores inside the nonzero mask (e.g. skull-stripped)
     crop_ratio = float(np.median(np.prod(cropped, axis=1) / np.prod(full, axis=1)))
     normalization = []
@@ -291,6 +303,46 @@ def make_plans(
     return Plans.from_dict(plans.to_dict(), "plans")  # validated, in its JSON form
 
 
+def plan_baseline(arch: str, in_channels: int, num_classes: int, spacing: Sequence[float],
+                  median_shape: Sequence[float], patch_size: Sequence[int] | None, max_voxels: int,
+                  decisions: list[str]) -> tuple[dict, list[int]]:
+    """A baseline's network and patch, planned by the same rules as UNETR++'s: the median shape in the
+    network's multiples within ``max_voxels``. The U-Nets' multiples and topology come from nnU-Net's
+    rule at the median shape, then at the patch (``network.baselines.unet_topology``); SwinUNETR's
+    patch is a multiple of 32 and UNETR's of 16 on every axis. Returns ``(network dict, patch)``."""
+    from ..network.baselines import DEFAULT_WIDTH, SWIN_MULTIPLE, UNETR_MULTIPLE, unet_multiple, unet_topology
+    from ..network.registry import DESCRIPTIONS, network_config
+
+    unet = arch in ("nnunet", "resenc")
+    if unet:
+        divisor = unet_multiple(unet_topology(median_shape, spacing, whole=False)[0])
+    else:
+        divisor = [SWIN_MULTIPLE if arch == "swinunetr" else UNETR_MULTIPLE] * 3
+    if patch_size is not None:
+        patch = [int(p) for p in patch_size]
+        if not unet and any(p % d or p < 1 for p, d in zip(patch, divisor, strict=True)):
+            raise UserError(f"patch size {patch} is not divisible by the {arch} network's multiples {divisor}")
+        decisions.append(f"patch {tuple(patch)}: given")
+    else:
+        patch = plan_patch_size(median_shape, spacing, divisor, max_voxels)
+        while math.prod(p // d for p, d in zip(patch, divisor, strict=True)) < 2:  # two voxels at the bottom
+            axis = min(range(3), key=lambda a: patch[a] * spacing[a])
+            patch[axis] += divisor[axis]
+        decisions.append(f"patch {tuple(patch)}: the median shape {_fmt(median_shape)} in multiples of "
+                         f"{tuple(divisor)}, within {max_voxels} voxels")
+    width = DEFAULT_WIDTH[arch]
+    network: dict = {"arch": arch, "in_channels": in_channels, "out_channels": num_classes, "img_size": patch,
+                     "feature_size": width, "deep_supervision": unet}
+    if unet:
+        strides, kernels = unet_topology(patch, spacing)
+        network.update(strides=strides, kernel_sizes=kernels)
+        decisions.append(f"network: {DESCRIPTIONS[arch]}, {len(strides)} stages, strides {strides[1:]}, "
+                         f"kernels {kernels}, {width} features at full resolution (nnU-Net's rule)")
+    else:
+        decisions.append(f"network: {DESCRIPTIONS[arch]}, feature size {width} (its paper's)")
+    return network_config(network).to_dict(), patch
+
+
 def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
 
@@ -308,12 +360,13 @@ def plan_dataset(
     workers: int = 1,
     progress: bool = False,
     target_spacing: Sequence[float] | None = None,
+    arch: str = "unetrpp",
 ) -> Plans:
     """Fingerprint + plans, written to ``ROOT/fingerprint.json`` and ``ROOT/plans.json``."""
     ds = Dataset.open(root)
     fp = compute_fingerprint(ds, workers=workers, progress=progress)
     plans = make_plans(ds, fp, patch_size=patch_size, batch_size=batch_size, preset=preset,
-                       target_spacing=target_spacing)
+                       target_spacing=target_spacing, arch=arch)
     write_json(fp, Path(root) / "fingerprint.json")
     plans.save(Path(root) / "plans.json")
     return plans

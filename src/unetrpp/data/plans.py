@@ -3,7 +3,8 @@
 ``unetrpp plan`` writes one ``plans.json``; every later stage reads it through :class:`Plans`,
 never as a loose dict. The plans fix how cases are preprocessed (target spacing, normalisation,
 resampling) and which network trains on them (``network``: every :class:`UNETRPPConfig` field,
-the patch size included), so ``train`` builds exactly that network unless told otherwise.
+the patch size included, or a baseline's fields with its ``arch``: ``network.registry``), so
+``train`` builds exactly that network unless told otherwise.
 
 All shapes, spacings and patch sizes are in array order ``(z, y, x)``.
 """
@@ -66,7 +67,7 @@ class Plans:
     target_spacing: list[float]
     normalization: list[dict]
     patch_size: list[int]
-    network: dict  # UNETRPPConfig fields; network["img_size"] == patch_size
+    network: dict  # UNETRPPConfig fields (or a baseline's, with "arch"); network["img_size"] == patch_size
     batch_size: int = 2
     batch_dice: bool = False
     preset: str | None = None  # the preset whose blocks the network uses, if one was asked for
@@ -92,8 +93,16 @@ class Plans:
         return len(self.channel_names)
 
     @property
+    def arch(self) -> str:
+        """The architecture of the planned network (``unetrpp``, or a baseline of ``network.registry``)."""
+        from ..network.registry import arch_of
+
+        return arch_of(self.network)
+
+    @property
     def patch_divisor(self) -> list[int]:
-        return [int(s) * 8 for s in self.network["stem_stride"]]
+        """Each axis of a patch must be a multiple of this (the network's downsamplings)."""
+        return [int(m) for m in self.network_config().size_multiple]
 
     @property
     def id(self) -> str:
@@ -104,10 +113,11 @@ class Plans:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def network_config(self, **overrides):
-        """The planned :class:`UNETRPPConfig`, with ``overrides`` (e.g. a smaller width for a short run)."""
-        from ..network.unetrpp import UNETRPPConfig
+        """The planned network's config (:class:`UNETRPPConfig`, or a baseline's :class:`BaselineConfig`),
+        with ``overrides`` (e.g. a smaller width for a short run)."""
+        from ..network.registry import network_config
 
-        return UNETRPPConfig(**{**self.network, **overrides})
+        return network_config(self.network, **overrides)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -181,6 +191,8 @@ class Plans:
             cfg = plans.network_config()
         except (TypeError, ValueError) as e:
             raise UserError(f"{source}: network: {str(e).splitlines()[0]}") from None
+        if preset is not None and plans.arch != "unetrpp":
+            raise UserError(f"{source}: preset {preset!r} is a UNETR++ preset, the network is {plans.arch}")
         if list(cfg.img_size) != patch:
             raise UserError(f"{source}: network img_size {list(cfg.img_size)} differs from patch_size {patch}")
         if "network" in d and (cfg.in_channels != len(channels) or cfg.out_channels != plans.num_classes):

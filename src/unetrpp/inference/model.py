@@ -31,7 +31,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..data.plans import Plans
-from ..errors import UserError, refuse_unknown_fields
+from ..errors import UserError
 
 FORMAT = "unetrpp-model"
 VERSION = 1
@@ -268,14 +268,9 @@ def expected_state(config: dict, source: str) -> dict[str, tuple[tuple[int, ...]
     """Name -> (shape, dtype) of the weights of a network of ``config``, worked out on the meta device
     (no memory for the tensors); a bad config is a one-line ``ValueError``."""
 
-    from ..network.unetrpp import UNETRPP, UNETRPPConfig
+    from ..network.registry import build_checked
 
-    refuse_unknown_fields(config, UNETRPPConfig, f"{source}: model_config has unknown keys ")
-    try:
-        with torch.device("meta"):
-            net = UNETRPP(**config)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{source}: model_config: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    net = build_checked(config, source, meta=True)
     return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 

@@ -106,8 +106,10 @@ def _kind(op) -> str:
     return "matmul/linear"
 
 
-def count_macs(model: UNETRPP, batch: int = 1) -> tuple[int, dict[str, int], dict[str, int]]:
-    """MACs of one forward pass: total, per operator kind, per top-level group of modules."""
+def count_macs(model, batch: int = 1, groups: tuple | list = _GROUPS) -> tuple[int, dict[str, int], dict[str, int]]:
+    """MACs of one forward pass of UNETR++ or a baseline (any module with ``config.in_channels``,
+    ``config.img_size`` and ``deep_supervision``): total, per operator kind, per group of modules
+    (``groups``: (module path, description) pairs; UNETR++'s stages by default)."""
     cfg = model.config
     x = torch.zeros(batch, cfg.in_channels, *cfg.img_size)
     was_training, ds = model.training, model.deep_supervision
@@ -125,7 +127,7 @@ def count_macs(model: UNETRPP, batch: int = 1) -> tuple[int, dict[str, int], dic
         by_kind[_kind(op)] = by_kind.get(_kind(op), 0) + n // 2
     root = type(model).__name__
     by_group = {}
-    for key, _ in _GROUPS:
+    for key, _ in groups:
         # Counts are recorded for every module on the stack: take the shallowest modules under the
         # group (containers without a forward of their own, such as ModuleLists, are not recorded).
         prefix = f"{root}.{key}"
@@ -135,7 +137,7 @@ def count_macs(model: UNETRPP, batch: int = 1) -> tuple[int, dict[str, int], dic
     return sum(by_kind.values()), by_kind, by_group
 
 
-def activation_bytes(model: UNETRPP, batch: int = 1) -> int:
+def activation_bytes(model, batch: int = 1) -> int:
     """Bytes of the tensors autograd keeps for backward in one training forward (unique storages)."""
     cfg = model.config
     x = torch.zeros(batch, cfg.in_channels, *cfg.img_size)
@@ -159,7 +161,24 @@ def activation_bytes(model: UNETRPP, batch: int = 1) -> int:
     return sum(seen.values())
 
 
-def profile_model(model: UNETRPP, with_memory: bool = True) -> ModelProfile:
+def _baseline_groups(model) -> list[tuple[str, str]]:
+    """A baseline's cost groups: the wrapped library network's top-level modules."""
+    return [(f"net.{name}", type(module).__name__) for name, module in model.net.named_children()]
+
+
+def profile_model(model, with_memory: bool = True) -> ModelProfile:
+    """Parameters, MACs (total, by kind, by group), activation memory of UNETR++ or a baseline."""
+    if not isinstance(model, UNETRPP):
+        total, by_kind, by_group = count_macs(model, groups=_baseline_groups(model))
+        seen: set[int] = set()  # a library's decoder may hold its encoder: count each parameter once
+        stages = []
+        for key, desc in _baseline_groups(model):
+            params = [p for p in model.get_submodule(key).parameters() if id(p) not in seen]
+            seen.update(map(id, params))
+            stages.append(StageCost(key, desc, sum(p.numel() for p in params), by_group[key]))
+        return ModelProfile(config=model.config.to_dict(), params=sum(p.numel() for p in model.parameters()),
+                            macs=total, macs_by_kind=by_kind, stages=stages,
+                            activation_bytes=activation_bytes(model) if with_memory else None)
     cfg = model.config
     total, by_kind, by_group = count_macs(model)
     shapes = cfg.stage_shapes

@@ -93,6 +93,11 @@ class UNETRPPConfig:
         return [tuple(s // 2**i for s in base) for i in range(4)]  # type: ignore[misc]
 
     @property
+    def deepest_shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the lowest-resolution stage (batch norm there needs two values per channel)."""
+        return self.stage_shapes[3]
+
+    @property
     def stage_tokens(self) -> list[int]:
         return [math.prod(s) for s in self.stage_shapes]
 

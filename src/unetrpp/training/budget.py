@@ -82,14 +82,14 @@ def measure_step(model_config: dict, batch: int, device: torch.device, amp: str 
                  steps: int = 4) -> tuple[float, float]:
     """Seconds of one training step (the median after the first: one sample can be lucky on a shared
     machine) and of one inference window."""
-    from ..network.unetrpp import UNETRPP
+    from ..network.registry import build_network
     from ..runtime import autocast, synchronizer
     from .loss import DeepSupervisionLoss, DiceCELoss
     from .step import train_step
 
     rng = torch.get_rng_state()
     try:
-        model = UNETRPP(**model_config).to(device).train()
+        model = build_network(model_config).to(device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
         loss_fn = DeepSupervisionLoss(DiceCELoss())
         cfg = model.config
@@ -117,22 +117,35 @@ def measure_step(model_config: dict, batch: int, device: torch.device, amp: str 
 def shrink_patch(plans: Plans, patch: list[int], factor: float) -> list[int]:
     """``patch`` shrunk (physically longest axis first, in the network's multiples) to <= voxels / factor."""
     budget = max(1, int(math.prod(patch) / factor))
-    return plan_patch_size(patch, plans.target_spacing, plans.patch_divisor, max_voxels=budget,
-                           stem_stride=plans.network["stem_stride"])
+    return plan_patch_size(patch, plans.target_spacing, plans.patch_divisor, max_voxels=budget)
 
 
 def ladder(plans: Plans, patch: list[int], width: int, fixed_width: bool = False) -> list[tuple[int, list[int]]]:
     """Cheapest first: width 8 at 1/8, 1/4, 1/2 and all of the patch, then the plans' width
-    (``fixed_width``: ``width`` alone, at each of those patches; a fine-tuning run keeps its network)."""
-    small = width if fixed_width else min(8, width)
+    (``fixed_width``: ``width`` alone, at each of those patches; a fine-tuning run keeps its network).
+    Width 8 is the architecture's smallest (SwinUNETR's is 12); rungs its network cannot take (a
+    patch too small for its downsamplings) are left out."""
+    from ..network.registry import smallest_width
+
+    small = width if fixed_width else min(smallest_width(plans.network), width)
     rungs: list[tuple[int, list[int]]] = []
     for factor in (8, 4, 2, 1):
         p = shrink_patch(plans, patch, factor) if factor > 1 else list(patch)
-        if (small, p) not in rungs:
+        if (small, p) not in rungs and _valid(plans.network, small, p):
             rungs.append((small, p))
-    if width != small:
+    if width != small or not rungs:
         rungs.append((width, list(patch)))
     return rungs
+
+
+def _valid(network: dict, width: int, patch: list[int]) -> bool:
+    from ..network.registry import network_config
+
+    try:
+        network_config(network, feature_size=width, img_size=patch)
+    except ValueError:
+        return False
+    return True
 
 
 def plan_run(plans: Plans, budget_s: float, device: torch.device, batch: int, amp: str,

@@ -25,9 +25,12 @@ from ..network.unetrpp import UNETRPPConfig
 NOT_INHERITED = ("out_channels", "img_size", "deep_supervision")
 
 
-def architecture(config: UNETRPPConfig | dict) -> dict:
-    """The pretrained network's constructor arguments that the new run's network takes over."""
-    d = _config(config).to_dict()
+def architecture(config) -> dict:
+    """The pretrained network's constructor arguments that the new run's network takes over (a
+    baseline's with its ``arch``, strides and kernels)."""
+    from ..network.baselines import BaselineConfig
+
+    d = config.to_dict() if isinstance(config, BaselineConfig) else _config(config).to_dict()
     return {k: v for k, v in d.items() if k not in NOT_INHERITED}
 
 

@@ -55,7 +55,7 @@ from ..errors import UserError
 from ..io import read_json, write_image, write_json
 from ..io.jsonio import atomic_write
 from ..network import kernels
-from ..network.unetrpp import UNETRPP
+from ..network.registry import build_network
 from ..runtime import autocast, resolve_amp, resolve_device
 from . import budget as budget_rules
 from .augment import AugmentConfig, dummy_2d_for
@@ -124,7 +124,7 @@ class Trainer:
             self.train_names, self.val_names = splits[fold]["train"], splits[fold]["val"]
         if not self.val_names:
             self.val_names = self.train_names
-        self.run_name = self.plans.preset or "unetrpp"
+        self.run_name = self.plans.preset or self.plans.arch  # unetrpp, or the baseline's name
         self.out = Path(out_dir) if out_dir else self.root / "results" / f"{self.run_name}_fold{fold}"
         self.global_batch = int(config.batch_size or self.plans.batch_size)
         self.batch = split_batch(self.global_batch, self.world)[self.rank]
@@ -153,7 +153,7 @@ class Trainer:
             raise UserError(f"model_overrides: {e}") from None
         self.model_config = cfg.to_dict()
         self.num_classes = cfg.out_channels
-        deepest = math.prod(cfg.stage_shapes[3])
+        deepest = math.prod(cfg.deepest_shape)
         if self.batch * deepest < 2:
             raise UserError(f"patch {self.patch} with {self.batch} sample(s) per process leaves one voxel at the "
                              "deepest stage, where batch norm needs two; use a larger patch or batch")
@@ -171,6 +171,10 @@ class Trainer:
             self.log(f"{path} holds {count} networks: fine-tuning from the first ({member.name})")
         net = member.network
         arch = architecture(net.config)
+        kind = arch.get("arch", "unetrpp")
+        if kind != self.plans.arch:
+            raise UserError(f"{path} is a {kind} network, the plans of {self.root} describe {self.plans.arch}; "
+                             f"re-plan with `unetrpp plan {self.root} --arch {kind}` to fine-tune it")
         if arch["in_channels"] != self.plans.num_channels:
             raise UserError(f"{path} takes {arch['in_channels']} channel(s), dataset {self.root} has "
                              f"{self.plans.num_channels}")
@@ -184,8 +188,10 @@ class Trainer:
         self.plans = dataclasses.replace(self.plans, network={**self.plans.network, **arch})
         self.cfg = dataclasses.replace(self.cfg, model_overrides=overrides)
         self._pretrained = net
-        self.log(f"fine-tuning from {path}: its network (width {arch['feature_size']}, depths {arch['depths']}, "
-                 f"stem stride {arch['stem_stride']}) with {self.num_classes} classes at patch {self.patch}")
+        shape = (f"depths {arch['depths']}, stem stride {arch['stem_stride']}" if kind == "unetrpp"
+                 else f"{kind}, strides {arch.get('strides')}")
+        self.log(f"fine-tuning from {path}: its network (width {arch['feature_size']}, {shape}) with "
+                 f"{self.num_classes} classes at patch {self.patch}")
 
     # ------------------------------------------------------------------ setup
     def _check_preprocessed(self) -> None:
@@ -458,7 +464,10 @@ class Trainer:
         train_model = model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # nnU-Net's deeper heads (beyond the recipe's three) get no gradient
+            unused = bool(getattr(model, "has_unused_parameters", False))
+            train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                                    find_unused_parameters=unused)
         n_params = sum(p.numel() for p in model.parameters())
         self.log(f"training {self.run_name} fold {cfg.fold} on {self.device} x{self.world}: {len(self.train_names)} "
                  f"train / {len(self.val_names)} val cases, patch {self.patch}, batch {self.global_batch}, width "
@@ -534,8 +543,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def build_model(self) -> torch.nn.Module:
-        """The network to train (override to train another network with the same loop, e.g. a baseline)."""
-        return UNETRPP(**self.model_config)
+        """The network the plans describe (UNETR++ or a baseline of ``network.registry``), freshly initialised."""
+        return build_network(self.model_config)
 
     def _class_name(self, c: int) -> str:
         return {v: k for k, v in self.ds.labels.items()}.get(c, str(c))
