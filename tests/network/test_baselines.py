@@ -124,3 +124,15 @@ def test_state_dict_names_each_tensor_once_and_loads_back():
         assert torch.equal(a(x), b(x))
     assert torch.equal(b.net.decoder.encoder.stages[0][0].convs[0].conv.weight, state[
         "net.encoder.stages.0.0.convs.0.conv.weight"])
+
+
+def test_plan_without_the_library_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from unetrpp.cli.main import main
+    from unetrpp.data import make_phantom_dataset
+
+    make_phantom_dataset(tmp_path / "ds", cases=2, seed=3)
+    monkeypatch.setitem(sys.modules, "monai", None)
+    assert main(["plan", str(tmp_path / "ds"), "--arch", "unetr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'unetrpp[monai]'" in err
+    assert not any((tmp_path / "ds" / f).exists() for f in ("plans.json", "splits.json", "fingerprint.json"))

@@ -197,8 +197,12 @@ def test_a_missing_prediction_is_one_line_and_the_old_page_is_kept(dataset, tmp_
 def test_folders_not_recorded_are_found_beside_the_predictions_or_given(dataset, tmp_path):
     root = tmp_path / "moved"
     shutil.copytree(dataset, root, ignore=shutil.ignore_patterns("results", "imagesTr", "labelsTr"))
-    s = load_section(root / "pred" / "evaluation.json")  # the recorded folder is the old one: still there
-    assert "(recorded)" in s.note
+    # the JSON records the old dataset's labelsTs, which still holds the files: a path read from a file that
+    # leads out of this dataset is not followed
+    assert (dataset / "labelsTs").is_dir()
+    s = load_section(root / "pred" / "evaluation.json")
+    assert "(recorded)" not in s.note and f"references {root / 'labelsTs'} (the dataset's)" in s.note
+    assert "(recorded)" in load_section(dataset / "pred").note  # inside its own dataset it is
     summary = json.loads((root / "pred" / "evaluation.json").read_text())
     for c in summary["cases"]:
         c["reference"] = str(tmp_path / "gone" / Path(c["reference"]).name)

@@ -3,6 +3,7 @@ saved and reloaded with identical outputs (checkpoint and model package), export
 predicted on a case with the same commands as UNETR++."""
 
 import json
+import shutil
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +28,8 @@ PATCH = (32, 64, 64)
 def phantom(tmp_path_factory):
     root = tmp_path_factory.mktemp("arch") / "ds"
     make_phantom_dataset(root, cases=3, seed=5)
+    plan_dataset(root, patch_size=PATCH)
+    preprocess_dataset(root, workers=1)  # the same for every architecture: each test's preprocess finds it done
     # one small case to predict: a block of a phantom's image, about one window at the target spacing
     img = sitk.ReadImage(str(root / "imagesTr" / "phantom_000_0000.nii.gz"))
     size = img.GetSize()  # x, y, z
@@ -37,16 +40,14 @@ def phantom(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_architecture_plans_trains_reloads_exports_and_predicts(phantom, tmp_path, arch):
+def test_every_architecture_plans_trains_reloads_exports_and_predicts(phantom, tmp_path, capsys, arch):
     root = tmp_path / "ds"
-    import shutil
-
     shutil.copytree(phantom, root)
     plans = plan_dataset(root, patch_size=PATCH, arch=arch)
     assert plans.arch == arch and Plans.load(root).network == plans.network
     if arch != "unetrpp":
         assert json.loads((root / "plans.json").read_text())["network"]["arch"] == arch
-    preprocess_dataset(root, workers=1)
+    assert preprocess_dataset(root, workers=1)["skipped"] == 3  # the architecture changes no preprocessing
     width = smallest_width(plans.network)
     small = {"feature_size": width}
     if arch == "unetrpp":
@@ -84,4 +85,8 @@ def test_every_architecture_plans_trains_reloads_exports_and_predicts(phantom, t
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case.nii.gz")))
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom.parent / "one" / "case_0000.nii.gz")))
     assert label.shape == source.shape and label.max() < plans.num_classes
+    capsys.readouterr()
     assert main(["info", str(run), "--no-memory", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["arch"] == arch and info["params"] == sum(p.numel() for p in net.parameters())
+    assert info["macs"] > 0 and info["config"]["img_size"] == list(PATCH)

@@ -36,6 +36,10 @@ def run(args) -> int:
     from ..data.plan import plan_dataset
     from ..io.jsonio import check_writable
 
+    if args.arch != "unetrpp":
+        from ..network.baselines import require
+
+        require(args.arch)  # before the fingerprint, the splits or the plans
     if Path(args.dataset, "dataset.json").is_file():
         check_writable(args.dataset, "plans")  # before the fingerprint is computed
     load_splits(args.dataset)  # made (or checked) first: a bad splits.json leaves no plans.json behind

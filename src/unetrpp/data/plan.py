@@ -13,6 +13,9 @@ derive dataset-wide intensity statistics. The plans decide, in a readable JSON:
 * the network (``plans.network``, every UNETR++ constructor argument): with ``--preset``, that
   preset's; otherwise the Synapse preset's blocks with a stem stride per axis from the spacing
   (about isotropic tokens at 4x the finest spacing: ``stem_stride_for``);
+* ``--arch`` (``plan_baseline``): a baseline instead of UNETR++ (nnU-Net's U-Net or ResEnc, Swin-UNETR,
+  UNETR), its patch from the median shape in its own multiples within the same voxel budget and,
+  for the U-Nets, strides and kernels by nnU-Net's rule;
 * patch size: a preset's, or the median resampled shape rounded to what the network strides
   divide (up when that pads by < 60 %), shrunk on its physically longest axis until it fits a
   voxel budget (64 x 128 x 128) and a first-stage token budget (32^3, the paper's): positional
@@ -310,9 +313,10 @@ def plan_baseline(arch: str, in_channels: int, num_classes: int, spacing: Sequen
     network's multiples within ``max_voxels``. The U-Nets' multiples and topology come from nnU-Net's
     rule at the median shape, then at the patch (``network.baselines.unet_topology``); SwinUNETR's
     patch is a multiple of 32 and UNETR's of 16 on every axis. Returns ``(network dict, patch)``."""
-    from ..network.baselines import DEFAULT_WIDTH, SWIN_MULTIPLE, UNETR_MULTIPLE, unet_multiple, unet_topology
+    from ..network.baselines import DEFAULT_WIDTH, SWIN_MULTIPLE, UNETR_MULTIPLE, require, unet_multiple, unet_topology
     from ..network.registry import DESCRIPTIONS, network_config
 
+    require(arch)  # a missing library is said before anything is planned or written
     unet = arch in ("nnunet", "resenc")
     if unet:
         divisor = unet_multiple(unet_topology(median_shape, spacing, whole=False)[0])

@@ -168,10 +168,15 @@ def worst_first(cases: Sequence[CaseResult]) -> list[CaseResult]:
                                         else 0.0, c.name))
 
 
-def _recorded_folder(summary: dict, key: str) -> Path | None:
-    """The one folder the JSON's cases recorded under ``key`` (e.g. every reference in labelsTs), if one."""
+def _recorded_folder(summary: dict, key: str, root: Path) -> Path | None:
+    """The one folder the JSON's cases recorded under ``key`` (e.g. every reference in labelsTs), if there is
+    one and it lies inside ``root`` (the dataset the JSON belongs to): a path read from a file does not lead
+    the report elsewhere; a folder outside is given with --references/--predictions."""
     folders = {str(Path(c[key]).parent) for c in summary["cases"] if isinstance(c.get(key), str)}
-    return Path(folders.pop()) if len(folders) == 1 else None
+    if len(folders) != 1:
+        return None
+    folder = Path(os.path.realpath(folders.pop()))
+    return folder if folder.is_relative_to(Path(os.path.realpath(root))) else None
 
 
 def _case_file(folder: Path, stem: str) -> Path | None:
@@ -230,8 +235,8 @@ def _images_beside(refs: Path) -> Path | None:
     return None
 
 
-def _with_scores(section: ReportSection, path: Path, pred_candidates, ref_candidates, references, images,
-                 predictions) -> str:
+def _with_scores(section: ReportSection, path: Path, root: Path, pred_candidates, ref_candidates, references,
+                 images, predictions) -> str:
     """Fill ``section`` from the scores at ``path``; returns the note's part on where the files came from."""
     summary, cases = _read_scores(path)
     section.regions = summary["regions"]
@@ -242,11 +247,11 @@ def _with_scores(section: ReportSection, path: Path, pred_candidates, ref_candid
     section.cases = worst_first(cases)
     first = section.cases[0].name
     preds, how_p = _pick_folder("predictions", predictions,
-                                [*pred_candidates, (_recorded_folder(summary, "prediction"), "recorded")], first)
+                                [*pred_candidates, (_recorded_folder(summary, "prediction", root), "recorded")], first)
     if preds is None:
         raise UserError(f"{path}: no prediction file of case {first!r} in {how_p} (give --predictions DIR)")
     refs, how_r = _pick_folder("references", references,
-                               [(_recorded_folder(summary, "reference"), "recorded"), *ref_candidates], first)
+                               [(_recorded_folder(summary, "reference", root), "recorded"), *ref_candidates], first)
     if refs is None:
         raise UserError(f"{path}: no reference file of case {first!r} in {how_r} (give --references DIR)")
     imgs, how_i = _pick_folder("images", images, [(_images_beside(refs), "beside the references")], first,
@@ -268,7 +273,7 @@ def _load_evaluation(path: Path, references, images, predictions) -> ReportSecti
     folder = path.parent
     section = ReportSection(name=_section_name(folder), kind="evaluation", path=path, note="")
     root = folder.parent
-    where = _with_scores(section, path, [(folder, "beside the JSON")],
+    where = _with_scores(section, path, root, [(folder, "beside the JSON")],
                          [(root / "labelsTs", "the dataset's"), (root / "labelsTr", "the dataset's")],
                          references, images, predictions)
     section.note = f"{section.name}: {len(section.cases)} case(s) from {path}; {where}"
@@ -291,7 +296,7 @@ def _load_run(folder: Path) -> ReportSection:
     summary = folder / "validation" / "summary.json"
     if summary.is_file():
         root = folder.parent.parent if folder.parent.name == "results" else folder.parent
-        where = _with_scores(section, summary, [(folder / "validation", "the run's")],
+        where = _with_scores(section, summary, root, [(folder / "validation", "the run's")],
                              [(root / "labelsTr", "the dataset's")], None, None, None)
         parts.append(f"{len(section.cases)} validation case(s); {where}")
     else:
