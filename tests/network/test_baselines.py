@@ -102,7 +102,7 @@ def test_parameter_count_matches_the_built_network():
 def test_a_missing_library_names_the_extra(monkeypatch, arch, extra):
     module = "dynamic_network_architectures" if extra == "nnunet" else "monai"
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
-    with pytest.raises(UserError, match=rf"needs the optional package .*pip install 'unetrpp\[{extra}\]'") as e:
+    with pytest.raises(UserError, match=rf"needs the optional package\(s\) .*pip install 'unetrpp\[{extra}\]'") as e:
         require(arch)
     assert "\n" not in str(e.value)
 
@@ -131,8 +131,11 @@ def test_plan_without_the_library_is_one_line_and_writes_nothing(tmp_path, monke
     from unetrpp.data import make_phantom_dataset
 
     make_phantom_dataset(tmp_path / "ds", cases=2, seed=3)
+    before = sorted(p.name for p in (tmp_path / "ds").iterdir())
     monkeypatch.setitem(sys.modules, "monai", None)
     assert main(["plan", str(tmp_path / "ds"), "--arch", "unetr"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install 'unetrpp[monai]'" in err
-    assert not any((tmp_path / "ds" / f).exists() for f in ("plans.json", "splits.json", "fingerprint.json"))
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == before  # no plans, fingerprint or splits
+    assert main(["plan", str(tmp_path / "ds"), "--arch", "vnet"]) == 2
+    assert "unknown architecture 'vnet'" in capsys.readouterr().err

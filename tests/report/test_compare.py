@@ -69,7 +69,7 @@ def _copy_run(src, dst):
 
 
 def _summary(run):
-    return json.loads((run / "validation" / "summary.json").read_text())
+    return json.loads((run / "validation" / "summary.json").read_text(encoding="utf-8"))
 
 
 def _error_line(capsys, argv) -> str:
@@ -111,7 +111,7 @@ def test_cli_writes_the_table_csv_and_png(runs, tmp_path, capsys):
     assert main(["compare", str(runs["small"]), str(runs["wide"]), "-o", str(out), "--no-measure"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out / 'comparison.md'}" in printed
-    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text(encoding="utf-8"))))
     assert [r["label"] for r in rows] == ["unetrpp small", "unetrpp wide"]
     for r, name in zip(rows, ("small", "wide"), strict=True):
         model = build_model(Checkpoint.load(runs[name] / "checkpoint_final.pt"))
@@ -124,7 +124,7 @@ def test_cli_writes_the_table_csv_and_png(runs, tmp_path, capsys):
             assert r[f"hd95_{region}"] == ("" if m["hd95"] is None else repr(m["hd95"]))
         assert r["step_s"] == r["peak_memory_mb"] == r["forward_s"] == NOT_MEASURED
         assert r["accuracy_source"] == "validation" and int(r["steps"]) == 2 and int(r["epochs"]) == 1
-    md = (out / "comparison.md").read_text()
+    md = (out / "comparison.md").read_text(encoding="utf-8")
     table = [ln for ln in md.splitlines() if ln.startswith("| unetrpp")]
     assert [ln.split(" | ")[0] for ln in table] == ["| unetrpp small", "| unetrpp wide"]
     assert all(ln.count("not measured") == 2 for ln in table)
@@ -146,12 +146,12 @@ def test_evaluation_replaces_a_runs_accuracy_and_says_so(runs, tmp_path, capsys)
     pred = runs["small"] / "validation"
     ev = tmp_path / "pred" / "evaluation.json"
     assert main(["evaluate", str(ref), str(pred), "--protocol", "synapse8", "-o", str(ev), "--workers", "1"]) == 0
-    evaluation = json.loads(ev.read_text())
+    evaluation = json.loads(ev.read_text(encoding="utf-8"))
     out = tmp_path / "cmp"
     capsys.readouterr()
     assert main(["compare", str(runs["small"]), str(runs["wide"]), "-o", str(out), "--no-measure",
                  "--evaluation", f"small={ev.parent}"]) == 0
-    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text(encoding="utf-8"))))
     small, wide = rows
     assert small["accuracy_source"] == "evaluation" and small["accuracy_file"] == str(ev)
     assert wide["accuracy_source"] == "validation"
@@ -160,7 +160,7 @@ def test_evaluation_replaces_a_runs_accuracy_and_says_so(runs, tmp_path, capsys)
     # the protocols differ in names ("right kidney" / "right_kidney"): the union, blank where not scored
     assert small["dice_right kidney"] == "" and wide["dice_right_kidney"] == ""
     assert float(wide["dice_right kidney"]) == _summary(runs["wide"])["mean"]["right kidney"]["dice"]
-    md = (out / "comparison.md").read_text()
+    md = (out / "comparison.md").read_text(encoding="utf-8")
     assert "evaluation (evaluation.json), 1 case |" in md and "validation, 1 case |" in md
     assert "scored on different regions" in md and f"accuracy {ev}" in md
 
@@ -234,7 +234,7 @@ def test_a_run_whose_network_does_not_build_keeps_its_row(runs, tmp_path, capsys
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     assert f"{legacy}: network not built (missing key" in captured.out
-    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text())))
+    rows = list(csv.DictReader(io.StringIO((out / "comparison.csv").read_text(encoding="utf-8"))))
     assert rows[1]["label"] == "unetrpp legacy" and rows[1]["params"] == rows[1]["macs"] == ""
     assert rows[1]["mean_dice"] == "" and rows[1]["accuracy_source"] == "" and int(rows[1]["steps"]) == 2
     assert "network not built" in rows[1]["notes"]
@@ -245,13 +245,13 @@ def test_markdown_cells_do_not_break_on_a_pipe(runs, tmp_path):
     odd = _copy_run(runs["small"], tmp_path / "a|b <b>x")
     rows = compare_runs([odd, runs["wide"]], measure=False)
     paths = write_comparison(rows, tmp_path / "cmp")
-    md = paths["md"].read_text()
+    md = paths["md"].read_text(encoding="utf-8")
     line = next(ln for ln in md.splitlines() if ln.startswith("| unetrpp a"))
     header = next(ln for ln in md.splitlines() if ln.startswith("| Run"))
     cells = re.split(r"(?<!\\)\|", line)
     assert len(cells) == len(re.split(r"(?<!\\)\|", header))
     assert cells[1].strip() == r"unetrpp a\|b &lt;b&gt;x" and "<b>" not in md
-    back = list(csv.DictReader(io.StringIO(paths["csv"].read_text())))
+    back = list(csv.DictReader(io.StringIO(paths["csv"].read_text(encoding="utf-8"))))
     assert back[0]["label"] == "unetrpp a|b <b>x"
 
 
@@ -261,9 +261,9 @@ def test_measured_step_has_time_and_the_childs_peak_memory(runs, tmp_path, monke
     assert row.measured and row.step_s > 0 and row.forward_s > 0 and row.peak_memory_mb > 0
     assert row.device == "cpu" and row.amp == "off"
     paths = write_comparison([row], tmp_path / "cmp", {"machine": "test machine"})
-    (back,) = csv.DictReader(io.StringIO(paths["csv"].read_text()))
+    (back,) = csv.DictReader(io.StringIO(paths["csv"].read_text(encoding="utf-8")))
     assert float(back["step_s"]) == row.step_s and float(back["peak_memory_mb"]) == row.peak_memory_mb
-    md = paths["md"].read_text()
+    md = paths["md"].read_text(encoding="utf-8")
     assert NOT_MEASURED not in md and f"| {row.step_s:.3f} | {row.peak_memory_mb:.0f} |" in md
     assert "test machine" in md
 

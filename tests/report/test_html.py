@@ -126,8 +126,8 @@ def _case_rows(page: str, table: str = "t0") -> list[list[tuple[str | None, str]
 
 def test_table_lists_cases_worst_first_with_their_dice(dataset, tmp_path):
     out = write_report([dataset / "pred"], tmp_path / "report.html")
-    page = out.read_text()
-    summary = json.loads((dataset / "pred" / "evaluation.json").read_text())
+    page = out.read_text(encoding="utf-8")
+    summary = json.loads((dataset / "pred" / "evaluation.json").read_text(encoding="utf-8"))
     expected = {}
     for c in summary["cases"]:
         d = [m["dice"] for m in c["regions"].values() if m["dice"] is not None]
@@ -152,7 +152,7 @@ def test_table_lists_cases_worst_first_with_their_dice(dataset, tmp_path):
 
 def test_names_from_files_are_escaped_and_scripts_cannot_be_ended(dataset, tmp_path):
     write_report([dataset / "pred", dataset / "results" / "unetrpp_fold0"], tmp_path / "r.html")
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
     assert HOSTILE not in page and REGION not in page and "<script>alert(3)" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "&lt;/script&gt;&lt;script&gt;alert(2)&lt;/script&gt;" in page
@@ -169,7 +169,7 @@ def test_names_from_files_are_escaped_and_scripts_cannot_be_ended(dataset, tmp_p
 def test_a_case_name_with_a_folder_is_refused_in_one_line(dataset, tmp_path):
     pred = tmp_path / "pred"
     shutil.copytree(dataset / "pred", pred)
-    summary = json.loads((pred / "evaluation.json").read_text())
+    summary = json.loads((pred / "evaluation.json").read_text(encoding="utf-8"))
     summary["cases"][0]["case"] = "../../etc/passwd"
     (pred / "evaluation.json").write_text(json.dumps(summary))
     with pytest.raises(UserError, match=r"evaluation\.json: case name '\.\./\.\./etc/passwd' is not a plain name"):
@@ -190,7 +190,7 @@ def test_a_missing_prediction_is_one_line_and_the_old_page_is_kept(dataset, tmp_
     assert main(["report", str(pred), "-o", str(out), "--references", str(dataset / "labelsTs")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "good.nii.gz: no such file" in err
-    assert out.read_text() == "old page"
+    assert out.read_text(encoding="utf-8") == "old page"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "r.html"]  # no temporary left
 
 
@@ -203,7 +203,7 @@ def test_folders_not_recorded_are_found_beside_the_predictions_or_given(dataset,
     s = load_section(root / "pred" / "evaluation.json")
     assert "(recorded)" not in s.note and f"references {root / 'labelsTs'} (the dataset's)" in s.note
     assert "(recorded)" in load_section(dataset / "pred").note  # inside its own dataset it is
-    summary = json.loads((root / "pred" / "evaluation.json").read_text())
+    summary = json.loads((root / "pred" / "evaluation.json").read_text(encoding="utf-8"))
     for c in summary["cases"]:
         c["reference"] = str(tmp_path / "gone" / Path(c["reference"]).name)
     (root / "pred" / "evaluation.json").write_text(json.dumps(summary))
@@ -237,7 +237,7 @@ def test_page_size_is_bounded_for_big_noisy_cases(tmp_path):
         cases.append({"case": f"big{i}", "regions": {"fg": {"dice": 0.3, "hd95": 9.0, "status": "ok"}}})
     write_json({"regions": {"fg": [1]}, "cases": cases}, tmp_path / "pred" / "evaluation.json")  # no paths recorded
     out = write_report([tmp_path / "pred"], tmp_path / "r.html", workers=1)
-    page = out.read_text()
+    page = out.read_text(encoding="utf-8")
     block = re.search(r'<script type="application/json" id="data-0">(.*?)</script>', page, re.S).group(1)
     cases = json.loads(block)["cases"]
     per_case = math.ceil(MAX_CASE_BYTES / 3) * 4  # base64 of the compressed bytes
@@ -258,7 +258,7 @@ def test_a_run_folder_gives_curves_and_its_validation(dataset, tmp_path):
     assert math.isnan(s.progress["val_loss"][2])
     assert f"references {dataset / 'labelsTr'} (recorded)" in s.note
     write_report([s], tmp_path / "r.html")
-    page = (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
     for title in ("Loss", "Validation Dice (pseudo, EMA)", "Validation Dice per class", "Learning rate"):
         assert f"<b>{title}</b>" in page
     loss = re.search(r'<path d="([^"]*)"[^>]*><title>val_loss</title>', page).group(1)
@@ -285,7 +285,7 @@ def test_cli_writes_one_page_for_several_inputs(dataset, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("ds/pred: 4 case(s) from ") and lines[1].startswith("ds/unetrpp_fold0: run ")
     assert lines[2].startswith(f"wrote {out} (2 section(s), 8 case(s), ")
-    page = out.read_text()
+    page = out.read_text(encoding="utf-8")
     assert "<title>Hippo &amp; co</title>" in page
     assert 'id="t0"' in page and 'id="t1"' in page and "v1-3" in page
 

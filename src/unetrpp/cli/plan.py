@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..network.registry import ARCHITECTURES
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,7 +11,7 @@ def add_parser(sub) -> None:
                     "normalisation, the network (stem stride, patch size, every constructor "
                     "argument) and batch size. Creates splits.json (5-fold) if absent.")
     p.add_argument("dataset", help="dataset folder (with dataset.json)")
-    p.add_argument("--arch", default="unetrpp", choices=ARCHITECTURES,
+    p.add_argument("--arch", default="unetrpp",
                    help="the network: unetrpp (default), or a baseline planned and trained by the same pipeline: "
                         "nnunet (nnU-Net's U-Net), resenc (its residual-encoder U-Net), swinunetr, unetr "
                         "(the baselines need the extras nnunet or monai)")

@@ -36,8 +36,8 @@ from ..errors import UserError, refuse_unknown_fields
 REQUIRES: dict[str, tuple[str, str, str]] = {
     "nnunet": ("dynamic_network_architectures", "dynamic-network-architectures", "nnunet"),
     "resenc": ("dynamic_network_architectures", "dynamic-network-architectures", "nnunet"),
-    "swinunetr": ("monai", "monai", "monai"),
-    "unetr": ("monai", "monai", "monai"),
+    "swinunetr": ("monai", "monai einops", "monai"),  # MONAI's transformers import einops when built
+    "unetr": ("monai", "monai einops", "monai"),
 }
 #: Width the ladder of the time budget starts from, per architecture (SwinUNETR's is a multiple of 12).
 SMALLEST_WIDTH = {"nnunet": 8, "resenc": 8, "swinunetr": 12, "unetr": 8}
@@ -62,13 +62,17 @@ SUPERVISED_HEADS = 3
 
 def require(arch: str):
     """Import the library ``arch`` is built from, or one line naming the extra to install."""
+    if arch not in REQUIRES:
+        raise UserError(f"unknown architecture {arch!r}; one of: unetrpp, {', '.join(REQUIRES)}")
     module, package, extra = REQUIRES[arch]
     try:
+        if extra == "monai":
+            importlib.import_module("einops")
         return importlib.import_module(module)
     except ImportError:
         hint = " --no-deps" if extra == "nnunet" else ""
-        raise UserError(f"architecture {arch!r} needs the optional package {package}: pip install 'unetrpp[{extra}]' "
-                        f"(or pip install{hint} {package})") from None
+        raise UserError(f"architecture {arch!r} needs the optional package(s) {package}: "
+                        f"pip install 'unetrpp[{extra}]' (or pip install{hint} {package})") from None
 
 
 def unet_topology(patch: Sequence[float], spacing: Sequence[float], whole: bool = True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UserError, refuse_unknown_fields
-from .baselines import DEFAULT_WIDTH, REQUIRES, SMALLEST_WIDTH, BaselineConfig, BaselineNet
+from .baselines import SMALLEST_WIDTH, BaselineConfig, BaselineNet
 
 #: Every architecture ``plan --arch`` accepts; UNETR++ is the default.
 ARCHITECTURES = ("unetrpp", "nnunet", "resenc", "swinunetr", "unetr")
@@ -61,15 +61,6 @@ def smallest_width(network: dict) -> int:
     """The narrowest width the time budget tries for this architecture."""
     arch = arch_of(network)
     return 8 if arch == "unetrpp" else SMALLEST_WIDTH[arch]
-
-
-def default_width(arch: str) -> int:
-    return 16 if arch == "unetrpp" else DEFAULT_WIDTH[arch]
-
-
-def needs(arch: str) -> str | None:
-    """The optional package an architecture needs (None: UNETR++)."""
-    return REQUIRES[arch][1] if arch in REQUIRES else None
 
 
 def build_checked(network: dict, source: str, meta: bool = False) -> nn.Module:

@@ -191,7 +191,7 @@ def read_progress(path: str | os.PathLike) -> tuple[int, int | None, float | Non
     """``progress.csv``: (epochs, steps, training seconds), from its ``iterations`` and ``elapsed_s`` columns."""
     path = Path(path)
     try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
     except (UnicodeDecodeError, csv.Error) as e:
         raise UserError(f"{path}: not a progress table ({e})") from None
     steps = sum(_int(r.get("iterations"), f"row {i + 2} iterations", path) for i, r in enumerate(rows)) \
@@ -229,7 +229,7 @@ def _training_record(run: Path, ckpt) -> tuple[int | None, int | None, float | N
         if wall is None and e is not None:
             wall, source = e, "progress.csv"
     if (wall is None or epochs is None) and (run / "log.txt").is_file():
-        found = _DONE.findall((run / "log.txt").read_text(errors="replace"))
+        found = _DONE.findall((run / "log.txt").read_text(encoding="utf-8", errors="replace"))
         if found:
             epochs = epochs if epochs is not None else int(found[-1][0])
             if wall is None:

@@ -292,7 +292,7 @@ def _load_run(folder: Path) -> ReportSection:
         cfg = read_json(folder / "train_config.json")
         section.config = cfg if isinstance(cfg, dict) else {}
     if (folder / "log.txt").is_file():
-        section.log_tail = (folder / "log.txt").read_text(errors="replace").splitlines()[-40:]
+        section.log_tail = (folder / "log.txt").read_text(encoding="utf-8", errors="replace").splitlines()[-40:]
     summary = folder / "validation" / "summary.json"
     if summary.is_file():
         root = folder.parent.parent if folder.parent.name == "results" else folder.parent
@@ -309,7 +309,7 @@ def read_progress(path: str | os.PathLike) -> dict[str, list[float]]:
     """progress.csv as ``{column: values}`` (an empty cell or ``nan`` is NaN); one line naming a bad cell."""
     path = Path(path)
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file") from None
