@@ -20,7 +20,8 @@ the sliding window differs:
 * ``default``: what ``predict`` does with no flags; ``margin=M`` (``predict --mirror-margin M``: the
   driver's own windows, mirrored if they hold a voxel with a margin below M), ``margin=M/STEP``
   (``--mirror-margin M --mirror-step STEP``) and ``constant``: other settings of the shortcuts.
-  ``METHOD@B`` runs B windows per forward pass.
+  ``METHOD@B`` runs B network passes per forward call (``monai@B``: B windows per call, MONAI's
+  ``sw_batch_size``; default 2).
 
 Reported per method: seconds (median over rounds, and per case), network passes, peak resident
 memory, Dice per class against the reference labels and against the exact protocol's labels, and
@@ -63,7 +64,7 @@ def _cases(name: str, work: Path, limit: int | None, models: dict | None = None)
     return model, cases[:limit] if limit else cases
 
 
-def _monai_probabilities(predictor, data):
+def _monai_probabilities(predictor, data, batch: int):
     """The same network, flips and Gaussian blending of each window's softmax, driven by MONAI's
     sliding_window_inference (on the volume padded to the patch, as our driver pads it)."""
     import numpy as np
@@ -75,7 +76,7 @@ def _monai_probabilities(predictor, data):
     x, region = _pad_to(torch.from_numpy(np.asarray(data, np.float32)), predictor.patch_size)
     if hasattr(predictor.model, "deep_supervision"):
         predictor.model.deep_supervision = False  # the full-resolution head only, as our driver runs it
-    probs = monai_sliding_probabilities(predictor.model, x[None], predictor.patch_size, predictor.batch, step=0.5,
+    probs = monai_sliding_probabilities(predictor.model, x[None], predictor.patch_size, batch, step=0.5,
                                         flips=8, device=x.device, softmax_windows=True)
     return probs[(slice(None), *region)]
 
@@ -118,7 +119,8 @@ def child(args) -> None:
 
     pred.model.forward = timed_network  # every pass of every driver goes through the module's forward
     if method == "monai":
-        pred.probabilities_preprocessed = lambda data: _monai_probabilities(pred, data)
+        # MONAI's windows per call: B of monai@B, else 2 (our exact driver's default on a CPU)
+        pred.probabilities_preprocessed = lambda data: _monai_probabilities(pred, data, int(batch) if batch else 2)
     from unetrpp.data.preprocess import preprocess_array
     from unetrpp.data.restore import restore_label_from_probabilities
     from unetrpp.io import read_case, write_image

@@ -510,7 +510,8 @@ def test_pool_workers_end_when_the_parent_is_killed():
     import unetrpp
 
     src = Path(unetrpp.__file__).parent
-    direct = [p.name for p in src.rglob("*.py") if "ProcessPoolExecutor(" in p.read_text() and p.name != "parallel.py"]
+    direct = [p.name for p in src.rglob("*.py")
+              if "ProcessPoolExecutor(" in p.read_text(encoding="utf-8") and p.name != "parallel.py"]
     assert direct == []
 
 

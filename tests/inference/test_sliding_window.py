@@ -114,6 +114,64 @@ def test_two_phases_over_every_window_are_the_exact_arithmetic():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 3, 8, 13])
+def test_mirrorings_side_by_side_are_the_exact_arithmetic(batch):
+    # batch 3 and 13 split a window's 7 mirrored passes over two calls, and put several windows in one
+    net = ConvNet(seed=5, scale=0.8).eval()
+    image = torch.from_numpy(np.random.default_rng(6).normal(0, 1, (1, 17, 23, 19)).astype(np.float32))
+    exact = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=EXACT)
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape[0])
+        return net(x)
+
+    stats: dict = {}
+    fast = sliding_window_probabilities(counted, image, PATCH, 3, batch=batch, shortcuts=Shortcuts(False, None, None),
+                                        stats=stats)
+    n = stats["windows"]
+    assert stats["passes"] == 8 * n and sum(calls) == 8 * n and max(calls) == batch  # n = 36 windows
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
+    assert torch.equal(fast.argmax(0), exact.argmax(0))
+
+
+class MixesTheBatch(torch.nn.Module):
+    """A network whose answer for one window depends on the others in its call (as BatchNorm in training mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = ConvNet(seed=5, scale=0.8)
+
+    def forward(self, x):
+        out = self.net(x)
+        return out - 3 * out.mean(0, keepdim=True)
+
+
+@torch.no_grad()
+def test_side_by_side_passes_change_the_answer_of_a_network_that_mixes_the_batch():
+    net = MixesTheBatch().eval()
+    image = torch.from_numpy(np.random.default_rng(6).normal(0, 1, (1, 17, 23, 19)).astype(np.float32))
+    exact = sliding_window_probabilities(net, image, PATCH, 3, batch=1, shortcuts=EXACT)
+    one = sliding_window_probabilities(net, image, PATCH, 3, batch=1, shortcuts=Shortcuts(False, None, None))
+    torch.testing.assert_close(one, exact, rtol=0, atol=1e-6)  # one pass per call: the condition holds
+    eight = sliding_window_probabilities(net, image, PATCH, 3, batch=8, shortcuts=Shortcuts(False, None, None))
+    assert (eight - exact).abs().max() > 0.05 and (eight.argmax(0) != exact.argmax(0)).sum() > 5
+
+
+def test_passes_per_call_follow_the_patch():
+    assert sw.passes_per_call((32, 64, 32)) == 8  # hippocampus: 1.5x faster per pass than 2 per call
+    assert sw.passes_per_call((32, 96, 96)) == 7  # the CT network: 1.2x
+    assert sw.passes_per_call((64, 128, 128)) == 2  # synapse: no faster in larger calls; memory stays bounded
+    assert sw.passes_per_call((128, 128, 128)) == 1
+    assert sw.passes_per_call((64, 128, 128), "cuda") == 4
+    assert sw.passes_per_call((128, 128, 128), "cuda") == 4  # never fewer than the exact driver's 4 windows
+    assert sw.passes_per_call((32, 64, 32), "cuda") == 8
+    assert sw.passes_per_call((8, 8, 8)) == 8
+    with pytest.raises(sw.UserError, match="batch must be at least 1"):
+        sliding_window_probabilities(ConvNet(), torch.zeros(1, 8, 12, 10), PATCH, 3, batch=0)
+
+
+@torch.no_grad()
 def test_mirrors_only_where_unsure_change_no_voxel_where_mirrors_and_windows_agree():
     # a voxel-wise network: the same answer under every flip and in every window; unsure in places
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 1), torch.nn.Tanh(), torch.nn.Conv3d(3, 3, 1)).eval()

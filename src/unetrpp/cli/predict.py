@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-constant-windows", action="store_true",
                    help="compute every window of uniform voxels instead of once per value")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--batch", type=_positive, help="windows per forward pass (default 2 on CPU, 4 on CUDA)")
+    p.add_argument("--batch", type=_positive,
+                   help="network passes per forward call (default: planned from the patch, up to 8: a window's "
+                        "mirrorings side by side; with --exact, windows per call, 2 on CPU, 4 on CUDA)")
     p.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
     p.add_argument("--preview", action="store_true", help="also write CASE.png: three slices with the labels")
     p.add_argument("--dicom-seg", action="store_true",

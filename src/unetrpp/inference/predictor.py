@@ -62,7 +62,8 @@ class Predictor:
         self.labels = labels or self.plans.labels
         self.step = float(step)
         self.tta = tta
-        self.batch = batch or (4 if self.device.type == "cuda" else 2)
+        #: network passes per forward call (None: the driver plans it, see ``sliding_window_probabilities``)
+        self.batch = batch
         self.progress = progress
         self.shortcuts = shortcuts
         self.stats: dict = {}  # the last case's window counts (sliding_window_probabilities)

@@ -8,7 +8,8 @@ of the window and its flips over every subset of the three spatial axes (8 passe
 
 Memory: only the accumulator ``(k, z, y, x)`` and one weight volume are held, in float32, on the
 accumulation device (the compute device unless it cannot hold them, then the CPU); windows are
-computed ``batch`` at a time.
+computed ``batch`` at a time (with shortcuts: ``batch`` passes, a pass being a window under one flip,
+so a window's mirrorings go through the network side by side: :func:`passes_per_call`).
 
 Shortcuts (:class:`Shortcuts`; ``EXACT`` turns them off and is the protocol above, pass for pass):
 
@@ -138,7 +139,7 @@ def sliding_window_probabilities(
     num_classes: int,
     step: float = DEFAULT_STEP,
     mirror_axes: Sequence[int] = MIRROR_AXES,
-    batch: int = 2,
+    batch: int | None = None,
     device: str | torch.device = "cpu",
     amp: str = "off",
     accumulate_on: str | torch.device | None = None,
@@ -152,7 +153,9 @@ def sliding_window_probabilities(
         network: maps ``(b, c, *patch)`` to logits ``(b, k, *patch)`` (one head, no deep supervision).
         step: window step as a fraction of the patch (0.5: half-overlapping windows).
         mirror_axes: spatial axes (0 = z) for mirroring TTA; ``()`` turns TTA off.
-        batch: windows per forward pass.
+        batch: network passes per forward call. :data:`EXACT`: windows per call (each run under every flip
+            in turn), default 2 on a CPU, 4 on CUDA; with shortcuts, (window, flip) passes per call, default
+            :func:`passes_per_call` (the mirrorings of a window go through the network together).
         accumulate_on: device of the accumulator (default: ``device``, or the CPU if it does not fit).
         shortcuts: work to skip (:data:`EXACT`, the default here, skips none; ``predict`` uses
             :data:`DEFAULT_SHORTCUTS`).
@@ -161,6 +164,11 @@ def sliding_window_probabilities(
     """
     device = torch.device(device)
     patch = tuple(int(p) for p in patch_size)
+    if batch is None:
+        batch = (4 if device.type == "cuda" else 2) if shortcuts == EXACT else passes_per_call(patch, device)
+    if int(batch) < 1:
+        raise UserError(f"batch must be at least 1, got {batch}")
+    batch = int(batch)
     image = torch.as_tensor(image)
     if image.dim() != 4:
         raise UserError(f"image must be (c, z, y, x), got shape {tuple(image.shape)}")
@@ -236,9 +244,27 @@ def _constant_key(window: torch.Tensor) -> bytes | None:
     return None
 
 
+def passes_per_call(patch_size: Sequence[int], device: str | torch.device = "cpu") -> int:
+    """Network passes per forward call the fast driver plans for a patch: as many as keep a call within
+    2^21 voxels on a CPU, between 1 and 8 (one window's 8 mirrorings); on CUDA within 2^22, at least 4
+    (the exact driver's 4 windows per call).
+
+    Measured on 2 CPU cores (``benchmarks/passes_per_call.py``, docs/benchmarks.md): a 32 x 64 x 32 patch runs
+    1.5x faster per pass in calls of 8 than of 2, a 32 x 96 x 96 one 1.2x, a 64 x 128 x 128 one no faster
+    (so it stays at 2, the old default; activations grow with the passes per call)."""
+    voxels = math.prod(int(p) for p in patch_size)
+    if torch.device(device).type == "cuda":
+        return max(4, min(8, 2**22 // voxels))
+    return max(1, min(8, 2**21 // voxels))
+
+
 def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, g_acc, acc, weight, acc_device,
                   shortcuts: Shortcuts, stats: dict | None, bar, step: float) -> None:
-    """The sliding window with :class:`Shortcuts` (two phases); accumulates into ``acc`` / ``weight``."""
+    """The sliding window with :class:`Shortcuts` (two phases); accumulates into ``acc`` / ``weight``.
+
+    The unit of work is one pass: a window under one flip. ``batch`` passes go through the network per call,
+    the mirrorings of one window side by side (on a CPU, small patches run faster that way); each window's
+    passes are summed before they are added, Gaussian-weighted, to the accumulator."""
     n_flips = len(flips)
     counts = {"passes": 0, "constant": 0, "background": 0, "mirrored_windows": 0,
               "voxels": weight.numel()}
@@ -248,22 +274,45 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         acc[(slice(None), *box)] += probs_g
         weight[box] += g_acc if times == 1 else g_acc * times
 
-    def run(items, which: list[list[int]]) -> None:
-        """Accumulate the sum over ``which`` flips of each window (Gaussian-weighted)."""
-        x = torch.stack([w for _, w in items]).to(device, non_blocking=True)
-        total = None
-        for p in _passes(network, x, which, device, amp):
-            total = p if total is None else total.add_(p)
-        counts["passes"] += len(items) * len(which)
-        total = total.mul_(g).to(acc_device)
-        for b, (box, _) in enumerate(items):
-            add(box, total[b], len(which))
+    queue: list[tuple[tuple, torch.Tensor, int]] = []  # (box, window, flip index) waiting for a call
+
+    def call() -> None:
+        """One forward call over the queued passes; each window's sum (times the Gaussian) accumulated."""
+        items = queue[:batch]
+        del queue[:batch]
+        xs = []
+        for _, w, f in items:
+            dims = [a + 1 for a in flips[f]]
+            xs.append(torch.flip(w, dims) if dims else w)
+        x = torch.stack(xs).to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = network(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        del logits
+        counts["passes"] += len(items)
+        sums: dict[tuple, list] = {}
+        for i, (box, _, f) in enumerate(items):
+            dims = [a + 1 for a in flips[f]]
+            p = torch.flip(probs[i], dims) if dims else probs[i]
+            key = tuple(b.start for b in box)
+            if key in sums:
+                sums[key][1].add_(p)
+                sums[key][2] += 1
+            else:
+                sums[key] = [box, p, 1]
+        for box, total, times in sums.values():
+            add(box, total.mul_(g).to(acc_device), times)
+
+    def submit(box, window, which) -> None:
+        for f in which:
+            queue.append((box, window, f))
+            if len(queue) >= batch:
+                call()
 
     def box_of(st):
         return tuple(slice(s, s + p) for s, p in zip(st, patch, strict=True))
 
     # phase 1: every window unmirrored (a constant window: all its mirrors, once per value)
-    pending = []
     for st in windows:
         box = box_of(st)
         window = image[(slice(None), *box)]
@@ -279,14 +328,11 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
                 cache[key] = (total * g)[0].to(acc_device)
             add(box, cache[key], n_flips)
         else:
-            pending.append((box, window))
-            if len(pending) == batch:
-                run(pending, flips[:1])
-                pending = []
+            submit(box, window, [0])
         if bar:
             bar.update(1)
-    if pending:
-        run(pending, flips[:1])
+    while queue:
+        call()
     if n_flips > 1:  # phase 2: the mirrors where the first answer is unsure
         unsure = None
         if shortcuts.mirror_margin is not None:
@@ -296,7 +342,6 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         else:
             grid = _mirror_grid(unsure, tuple(weight.shape), patch, shortcuts.mirror_step)
         centre = (g_acc >= shortcuts.mirror_weight)
-        pending = []
         for st in grid:
             box = box_of(st)
             if unsure is not None and not bool(unsure[box][centre].any()):
@@ -305,12 +350,9 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
             if shortcuts.constant_windows and _constant_key(window) is not None:
                 continue  # uniform input: the constant windows of phase 1 carry their mirrors already
             counts["mirrored_windows"] += 1
-            pending.append((box, window))
-            if len(pending) == batch:
-                run(pending, flips[1:])
-                pending = []
-        if pending:
-            run(pending, flips[1:])
+            submit(box, window, range(1, n_flips))
+        while queue:
+            call()
     if stats is not None:
         stats.update(counts)
 
