@@ -114,7 +114,7 @@ def test_label_restore_by_class_equals_full_resample_then_argmax():
 
 @pytest.mark.parametrize(("geometry", "ending"), [("lps", ".nii.gz"), ("oblique", ".nii.gz"), ("ras", ".nrrd"),
                                                   ("oblique", ".mha")])
-def test_predict_keeps_input_geometry_and_format(tmp_path, geometry, ending):
+def test_predict_keeps_input_geometry_and_format(tmp_path, geometry, ending, capsys):
     geom = GEOMETRIES[geometry]
     rng = np.random.default_rng(1)
     image = rng.normal(40, 60, (18, 30, 27)).astype(np.int16)
@@ -127,8 +127,14 @@ def test_predict_keeps_input_geometry_and_format(tmp_path, geometry, ending):
     assert label.shape == image.shape and g.matches(geom, tol=1e-5)
     assert set(np.unique(label)) <= {0, 1, 2}
     assert (out / "case.png").read_bytes()[:4] == b"\x89PNG"
-    # a second call skips the existing output
+    # a second call skips the existing output; the log says how the sliding window runs
+    capsys.readouterr()
     assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(out), "-m", str(ckpt)]) == 0
+    assert "sliding window: constant windows computed once, mirrored passes where the margin < 0.3, on the " \
+           "driver's windows, mirroring, 8 passes per forward call" in capsys.readouterr().out
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(out), "-m", str(ckpt), "--exact",
+                 "--batch", "3"]) == 0
+    assert "sliding window: exact protocol, mirroring, 3 windows per forward call" in capsys.readouterr().out
 
 
 def test_predict_dicom_series_and_python_api(tmp_path):

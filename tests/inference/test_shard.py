@@ -118,10 +118,12 @@ def test_parts_write_what_one_process_writes(setup, capsys):
     common = ("-i", root / "in", "-o", out, "-m", ckpt, "--device", "cpu", "--no-tta", "--num-parts", 2)
     assert _predict(*common, "--part-id", 0) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop(0).startswith("part 0/2: sliding window: ")
     assert [ln.split(":")[0] for ln in lines[:-1]] == ["kidney_01", "liver_02", "spleen_03"]
     assert lines[-1].startswith("part 0/2: predicted 3 case(s)")
     assert _predict(*common, "--part-id", 1) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines.pop(0).startswith("part 1/2: sliding window: ")
     assert [ln.split(":")[0] for ln in lines[:-1]] == ["liver_07"]
     assert lines[-1].startswith("part 1/2: predicted 1 case(s)") and "skipped 1 with existing output" in lines[-1]
     _assert_same_predictions(root / "A", out)

@@ -208,6 +208,12 @@ def run(args) -> int:
     model = load_model(args.model, postprocessing=args.postprocessing)
     predictor = Predictor.from_model(model, device=sharding.configure(args.device, part), step=args.step,
                                      tta=not args.no_tta, batch=args.batch, progress=tty, shortcuts=shortcuts)
+    from ..inference.sliding_window import planned_batch
+
+    sizes = sorted({args.batch or planned_batch(m.network.config.img_size, predictor.device, shortcuts)
+                    for m in model.members})
+    print(f"{part.prefix}sliding window: {shortcuts.describe()}, {'no mirroring' if args.no_tta else 'mirroring'}, "
+          f"{'/'.join(map(str, sizes))} {'windows' if args.exact else 'passes'} per forward call", flush=True)
     if len(model.members) > 1 or model.postprocessing:
         print(f"model: {len(model.members)} network(s)"
               + (f", postprocessing {describe(model.postprocessing)}" if model.postprocessing else ""), flush=True)

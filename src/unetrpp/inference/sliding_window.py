@@ -165,7 +165,7 @@ def sliding_window_probabilities(
     device = torch.device(device)
     patch = tuple(int(p) for p in patch_size)
     if batch is None:
-        batch = (4 if device.type == "cuda" else 2) if shortcuts == EXACT else passes_per_call(patch, device)
+        batch = planned_batch(patch, device, shortcuts)
     if int(batch) < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
     batch = int(batch)
@@ -242,6 +242,14 @@ def _constant_key(window: torch.Tensor) -> bytes | None:
     if bool((flat == first).all()):
         return first.contiguous().cpu().numpy().tobytes()
     return None
+
+
+def planned_batch(patch_size: Sequence[int], device: str | torch.device, shortcuts: Shortcuts) -> int:
+    """What a forward call takes when ``batch`` is not given: :data:`EXACT`, windows (2 on a CPU, 4 on CUDA,
+    each under every flip in turn); otherwise passes, :func:`passes_per_call`."""
+    if shortcuts == EXACT:
+        return 4 if torch.device(device).type == "cuda" else 2
+    return passes_per_call(patch_size, device)
 
 
 def passes_per_call(patch_size: Sequence[int], device: str | torch.device = "cpu") -> int:
