@@ -158,6 +158,58 @@ def test_side_by_side_passes_change_the_answer_of_a_network_that_mixes_the_batch
     assert (eight - exact).abs().max() > 0.05 and (eight.argmax(0) != exact.argmax(0)).sum() > 5
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_autocast_runs_both_drivers(device):
+    # the GPU path: logits in the autocast dtype, softmax and accumulation in float32 (bf16 on a CPU)
+    net = ConvNet(seed=5, scale=0.8).eval().to(device)
+    image = torch.from_numpy(np.random.default_rng(6).normal(0, 1, (1, 17, 23, 19)).astype(np.float32))
+    exact = sliding_window_probabilities(net, image, PATCH, 3, shortcuts=EXACT, device=device).cpu()
+    amp = "fp16" if device == "cuda" else "bf16"
+    for shortcuts in (EXACT, Shortcuts(False, None, None), sw.DEFAULT_SHORTCUTS):
+        low = sliding_window_probabilities(net, image, PATCH, 3, amp=amp, shortcuts=shortcuts, batch=8,
+                                           device=device).cpu()
+        assert low.dtype == torch.float32 and not torch.equal(low, exact)  # it did run in the lower precision
+        assert (low - exact).abs().max() < 0.05
+        assert (low.argmax(0) == exact.argmax(0)).float().mean() > 0.95
+
+
+@torch.no_grad()
+def test_the_progress_bar_counts_every_pass(monkeypatch):
+    import tqdm
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.kwargs = total, 0, kwargs
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    rng = np.random.default_rng(4)
+    image = torch.from_numpy(rng.normal(0, 1, (1, 17, 60, 19)).astype(np.float32))
+    image[0, :, 30:] = torch.from_numpy(3 + rng.uniform(-0.1, 0.1, (17, 30, 19)).astype(np.float32))
+    stats: dict = {}
+    sliding_window_probabilities(SureWhereBright().eval(), image, PATCH, 3, shortcuts=sw.DEFAULT_SHORTCUTS,
+                                 progress=True, stats=stats)
+    # phase 1 (one pass per window), then the 7 mirrored passes of the windows that needed them
+    assert 0 < stats["mirrored_windows"] < stats["windows"]
+    assert bars[-1].n == bars[-1].total == stats["passes"] == stats["windows"] + 7 * stats["mirrored_windows"]
+    sliding_window_probabilities(SureWhereBright().eval(), image, PATCH, 3, shortcuts=EXACT, progress=True,
+                                 stats=stats)
+    assert bars[-1].n == bars[-1].total == stats["windows"] and bars[-1].kwargs["unit"] == "win"
+
+
 def test_passes_per_call_follow_the_patch():
     assert sw.passes_per_call((32, 64, 32)) == 8  # hippocampus: 1.5x faster per pass than 2 per call
     assert sw.passes_per_call((32, 96, 96)) == 7  # the CT network: 1.2x

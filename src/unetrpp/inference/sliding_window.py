@@ -283,6 +283,7 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         weight[box] += g_acc if times == 1 else g_acc * times
 
     queue: list[tuple[tuple, torch.Tensor, int]] = []  # (box, window, flip index) waiting for a call
+    phase = 1  # read by call(): phase 2's calls advance the progress bar by their passes
 
     def call() -> None:
         """One forward call over the queued passes; each window's sum (times the Gaussian) accumulated."""
@@ -298,6 +299,8 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         probs = torch.softmax(logits.float(), dim=1)
         del logits
         counts["passes"] += len(items)
+        if bar and phase == 2:
+            bar.update(len(items))
         sums: dict[tuple, list] = {}
         for i, (box, _, f) in enumerate(items):
             dims = [a + 1 for a in flips[f]]
@@ -341,6 +344,7 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
             bar.update(1)
     while queue:
         call()
+    phase = 2
     if n_flips > 1:  # phase 2: the mirrors where the first answer is unsure
         unsure = None
         if shortcuts.mirror_margin is not None:
@@ -350,6 +354,7 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         else:
             grid = _mirror_grid(unsure, tuple(weight.shape), patch, shortcuts.mirror_step)
         centre = (g_acc >= shortcuts.mirror_weight)
+        selected = []
         for st in grid:
             box = box_of(st)
             if unsure is not None and not bool(unsure[box][centre].any()):
@@ -357,7 +362,12 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
             window = image[(slice(None), *box)]
             if shortcuts.constant_windows and _constant_key(window) is not None:
                 continue  # uniform input: the constant windows of phase 1 carry their mirrors already
-            counts["mirrored_windows"] += 1
+            selected.append((box, window))
+        counts["mirrored_windows"] = len(selected)
+        if bar and selected:
+            bar.total += len(selected) * (n_flips - 1)
+            bar.refresh()
+        for box, window in selected:
             submit(box, window, range(1, n_flips))
         while queue:
             call()
