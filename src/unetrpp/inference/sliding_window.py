@@ -164,11 +164,9 @@ def sliding_window_probabilities(
     """
     device = torch.device(device)
     patch = tuple(int(p) for p in patch_size)
-    if batch is None:
-        batch = planned_batch(patch, device, shortcuts)
-    if int(batch) < 1:
+    batch = planned_batch(patch, device, shortcuts) if batch is None else int(batch)
+    if batch < 1:
         raise UserError(f"batch must be at least 1, got {batch}")
-    batch = int(batch)
     image = torch.as_tensor(image)
     if image.dim() != 4:
         raise UserError(f"image must be (c, z, y, x), got shape {tuple(image.shape)}")
@@ -282,37 +280,30 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
         acc[(slice(None), *box)] += probs_g
         weight[box] += g_acc if times == 1 else g_acc * times
 
+    dims_of = [[a + 1 for a in axes] for axes in flips]  # flip index -> dims of a (c, z, y, x) window
     queue: list[tuple[tuple, torch.Tensor, int]] = []  # (box, window, flip index) waiting for a call
-    phase = 1  # read by call(): phase 2's calls advance the progress bar by their passes
 
     def call() -> None:
         """One forward call over the queued passes; each window's sum (times the Gaussian) accumulated."""
         items = queue[:batch]
         del queue[:batch]
-        xs = []
-        for _, w, f in items:
-            dims = [a + 1 for a in flips[f]]
-            xs.append(torch.flip(w, dims) if dims else w)
-        x = torch.stack(xs).to(device, non_blocking=True)
+        x = torch.stack([torch.flip(w, dims_of[f]) if f else w for _, w, f in items]).to(device, non_blocking=True)
         with autocast(device, amp):
             logits = network(x)
         probs = torch.softmax(logits.float(), dim=1)
         del logits
         counts["passes"] += len(items)
-        if bar and phase == 2:
+        if bar:
             bar.update(len(items))
-        sums: dict[tuple, list] = {}
-        for i, (box, _, f) in enumerate(items):
-            dims = [a + 1 for a in flips[f]]
-            p = torch.flip(probs[i], dims) if dims else probs[i]
-            key = tuple(b.start for b in box)
-            if key in sums:
-                sums[key][1].add_(p)
-                sums[key][2] += 1
-            else:
-                sums[key] = [box, p, 1]
-        for box, total, times in sums.values():
-            add(box, total.mul_(g).to(acc_device), times)
+        i = 0
+        for _, run in itertools.groupby(items, key=lambda item: item[0]):  # a window's passes are queued together
+            run = list(run)
+            total = None
+            for _, _, f in run:
+                p = torch.flip(probs[i], dims_of[f]) if f else probs[i]
+                total = p if total is None else total.add_(p)
+                i += 1
+            add(run[0][0], total.mul_(g).to(acc_device), len(run))
 
     def submit(box, window, which) -> None:
         for f in which:
@@ -338,13 +329,12 @@ def _fast_windows(network, image, windows, patch, flips, batch, device, amp, g, 
                 counts["passes"] += n_flips
                 cache[key] = (total * g)[0].to(acc_device)
             add(box, cache[key], n_flips)
+            if bar:
+                bar.update(1)
         else:
-            submit(box, window, [0])
-        if bar:
-            bar.update(1)
+            submit(box, window, [0])  # the bar advances when its call is made
     while queue:
         call()
-    phase = 2
     if n_flips > 1:  # phase 2: the mirrors where the first answer is unsure
         unsure = None
         if shortcuts.mirror_margin is not None:
